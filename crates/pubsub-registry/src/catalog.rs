@@ -1,0 +1,376 @@
+//! The local cache of instances, by service name.
+//!
+//! Readers never lock: each name has an immutable snapshot behind an atomic
+//! pointer, and the map of names is itself a snapshot. Writers (the message
+//! handlers and the expiry timer) serialise on one mutex and publish new
+//! snapshots. A heartbeat that changes nothing but the time only moves the
+//! instance's due time, so it costs no snapshot at all.
+//!
+//! Expiry counts from when this process received an announcement (never the
+//! sender's clock). It is driven by a heap keyed by due time holding one entry
+//! per instance: a heartbeat only moves the slot's due time, and the entry is
+//! pushed back when it comes up early. The work is proportional to what comes
+//! due, not to what is tracked.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::event::{Event, EventKind};
+use crate::service::{Instance, Service, Status};
+
+type Hasher = foldhash::fast::RandomState;
+type NameMap = HashMap<Arc<str>, Arc<NameEntry>, Hasher>;
+
+/// Longest due time honoured, whatever an announcement claims.
+const MAX_DUE: Duration = Duration::from_secs(24 * 3600);
+
+/// What readers see of one name.
+#[derive(Default)]
+pub(crate) struct NameEntry {
+    pub(crate) instances: ArcSwap<Vec<Arc<Instance>>>,
+    /// Round-robin turn.
+    pub(crate) turn: AtomicUsize,
+    /// Woken whenever the snapshot changes (lookups waiting on a ping).
+    pub(crate) changed: Notify,
+}
+
+pub(crate) struct Catalog {
+    names: ArcSwap<NameMap>,
+    writer: Mutex<Writer>,
+    /// Woken when the earliest due time moves earlier.
+    pub(crate) timer: Notify,
+}
+
+#[derive(Default)]
+struct Writer {
+    names: HashMap<Arc<str>, NameState, Hasher>,
+    heap: BinaryHeap<Reverse<Due>>,
+}
+
+struct NameState {
+    name: Arc<str>,
+    entry: Arc<NameEntry>,
+    slots: HashMap<Arc<str>, Slot, Hasher>,
+}
+
+struct Slot {
+    instance: Arc<Instance>,
+    /// When it expires unless heard from again.
+    due: Instant,
+    /// When its heap entry comes up (never later than `due`).
+    scheduled: Instant,
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Due {
+    at: Instant,
+    name: Arc<str>,
+    address: Arc<str>,
+}
+
+impl Catalog {
+    pub(crate) fn new() -> Self {
+        Catalog {
+            names: ArcSwap::from_pointee(NameMap::default()),
+            writer: Mutex::new(Writer::default()),
+            timer: Notify::new(),
+        }
+    }
+
+    /// Runs `f` on a name's entry, if the cache knows the name. Lock-free and
+    /// allocation-free.
+    #[inline]
+    pub(crate) fn with_entry<R>(&self, name: &str, f: impl FnOnce(&NameEntry) -> R) -> Option<R> {
+        self.names.load().get(name).map(|e| f(e))
+    }
+
+    /// The entry of a name, created empty if needed (for lookups that wait).
+    pub(crate) fn ensure(&self, name: &str) -> Arc<NameEntry> {
+        if let Some(e) = self.names.load().get(name) {
+            return e.clone();
+        }
+        let mut w = self.lock();
+        self.state(&mut w, name).entry.clone()
+    }
+
+    /// Names with at least one instance, sorted.
+    pub(crate) fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .names
+            .load()
+            .iter()
+            .filter(|(_, e)| !e.instances.load().is_empty())
+            .map(|(n, _)| n.to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Every instance of every name.
+    pub(crate) fn all(&self) -> Vec<Arc<Instance>> {
+        let names = self.names.load();
+        names
+            .values()
+            .flat_map(|e| e.instances.load().iter().cloned().collect::<Vec<_>>())
+            .collect()
+    }
+
+    /// Takes in an announcement received now; returns the event it raises.
+    pub(crate) fn announce(
+        &self,
+        service: Service,
+        status: Status,
+        interval: Duration,
+        factor: f64,
+        sent: Option<SystemTime>,
+    ) -> Option<Event> {
+        let due = Instant::now() + interval.mul_f64(factor).min(MAX_DUE);
+        let mut guard = self.lock();
+        let w = &mut *guard;
+        let state = self.state(w, &service.name);
+        let (event, push) = match state.slots.get_mut(service.address.as_str()) {
+            Some(slot) => {
+                slot.due = due;
+                // Only an interval that shrank needs an earlier heap entry.
+                let push = (due < slot.scheduled).then(|| {
+                    slot.scheduled = due;
+                    Due {
+                        at: due,
+                        name: state.name.clone(),
+                        address: service.address.as_str().into(),
+                    }
+                });
+                if slot.instance.same_as(&service, status) {
+                    slot.instance.touch(sent);
+                    (None, push)
+                } else {
+                    let previous = slot.instance.status;
+                    let instance = Arc::new(Instance::new(service, status, interval, sent));
+                    slot.instance = instance.clone();
+                    state.publish(|v| {
+                        if let Some(old) = v.iter_mut().find(|i| i.address() == instance.address())
+                        {
+                            *old = instance.clone();
+                        }
+                    });
+                    let kind = if previous == status {
+                        EventKind::Registered
+                    } else {
+                        EventKind::StatusChanged { previous }
+                    };
+                    (Some(Event { kind, instance }), push)
+                }
+            }
+            None => {
+                let address: Arc<str> = service.address.as_str().into();
+                let instance = Arc::new(Instance::new(service, status, interval, sent));
+                state.slots.insert(
+                    address.clone(),
+                    Slot {
+                        instance: instance.clone(),
+                        due,
+                        scheduled: due,
+                    },
+                );
+                state.publish(|v| v.push(instance.clone()));
+                let push = Due {
+                    at: due,
+                    name: state.name.clone(),
+                    address,
+                };
+                let event = Event {
+                    kind: EventKind::Registered,
+                    instance,
+                };
+                (Some(event), Some(push))
+            }
+        };
+        if let Some(d) = push {
+            let earliest = w.heap.peek().is_none_or(|Reverse(top)| d.at < top.at);
+            w.heap.push(Reverse(d));
+            if earliest {
+                self.timer.notify_one();
+            }
+        }
+        event
+    }
+
+    /// Drops an instance at once; returns the `Unregistered` event.
+    pub(crate) fn remove(&self, name: &str, address: &str) -> Option<Event> {
+        let mut w = self.lock();
+        let state = w.names.get_mut(name)?;
+        let slot = state.slots.remove(address)?;
+        state.publish(|v| v.retain(|i| i.address() != address));
+        Some(Event {
+            kind: EventKind::Unregistered,
+            instance: slot.instance,
+        })
+    }
+
+    /// Drops every instance due by `now`; returns their `Expired` events and
+    /// when to look again.
+    pub(crate) fn expire(&self, now: Instant) -> (Vec<Event>, Option<Instant>) {
+        let mut guard = self.lock();
+        let w = &mut *guard;
+        let mut events = Vec::new();
+        while let Some(Reverse(top)) = w.heap.peek() {
+            if top.at > now {
+                break;
+            }
+            let Some(Reverse(d)) = w.heap.pop() else {
+                break;
+            };
+            let Some(state) = w.names.get_mut(&d.name) else {
+                continue;
+            };
+            let Some(slot) = state.slots.get_mut(&d.address) else {
+                continue; // removed since
+            };
+            if slot.scheduled != d.at {
+                continue; // a stale extra entry
+            }
+            if slot.due > now {
+                slot.scheduled = slot.due;
+                w.heap.push(Reverse(Due { at: slot.due, ..d }));
+                continue;
+            }
+            if let Some(slot) = state.slots.remove(&d.address) {
+                state.publish(|v| v.retain(|i| i.address() != &*d.address));
+                events.push(Event {
+                    kind: EventKind::Expired,
+                    instance: slot.instance,
+                });
+            }
+        }
+        (events, w.heap.peek().map(|Reverse(d)| d.at))
+    }
+
+    /// Number of instances tracked.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().names.values().map(|s| s.slots.len()).sum()
+    }
+
+    fn state<'w>(&self, w: &'w mut Writer, name: &str) -> &'w mut NameState {
+        if !w.names.contains_key(name) {
+            let name: Arc<str> = name.into();
+            let entry = Arc::new(NameEntry::default());
+            // New names are rare next to lookups: copying the map here keeps
+            // every read lock-free.
+            let mut map = NameMap::clone(&self.names.load());
+            map.insert(name.clone(), entry.clone());
+            self.names.store(Arc::new(map));
+            w.names.insert(
+                name.clone(),
+                NameState {
+                    name,
+                    entry,
+                    slots: HashMap::default(),
+                },
+            );
+        }
+        w.names.get_mut(name).expect("inserted above")
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Writer> {
+        // Snapshots are published whole, so a lock poisoned by a panicking
+        // user callback still guards a consistent state.
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl NameState {
+    /// Publishes a new snapshot made from the current one, and wakes waiters.
+    fn publish(&mut self, change: impl FnOnce(&mut Vec<Arc<Instance>>)) {
+        let mut v = Vec::clone(&self.entry.instances.load());
+        change(&mut v);
+        self.entry.instances.store(Arc::new(v));
+        self.entry.changed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, addr: &str) -> Service {
+        Service::new(name, addr)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn announce_refresh_change_remove() {
+        let c = Catalog::new();
+        let ev = c.announce(
+            svc("a", "h:1"),
+            Status::Passing,
+            Duration::from_secs(1),
+            1.5,
+            None,
+        );
+        assert_eq!(ev.unwrap().kind, EventKind::Registered);
+        // Same content: a refresh, no event, same shared instance.
+        let before = c
+            .with_entry("a", |e| e.instances.load()[0].clone())
+            .unwrap();
+        assert!(c
+            .announce(
+                svc("a", "h:1"),
+                Status::Passing,
+                Duration::from_secs(1),
+                1.5,
+                None
+            )
+            .is_none());
+        let after = c
+            .with_entry("a", |e| e.instances.load()[0].clone())
+            .unwrap();
+        assert!(Arc::ptr_eq(&before, &after));
+        let ev = c.announce(
+            svc("a", "h:1"),
+            Status::Warning,
+            Duration::from_secs(1),
+            1.5,
+            None,
+        );
+        assert_eq!(
+            ev.unwrap().kind,
+            EventKind::StatusChanged {
+                previous: Status::Passing
+            }
+        );
+        assert_eq!(
+            c.with_entry("a", |e| e.instances.load()[0].status),
+            Some(Status::Warning)
+        );
+        assert_eq!(c.remove("a", "h:1").unwrap().kind, EventKind::Unregistered);
+        assert!(c.remove("a", "h:1").is_none());
+        assert_eq!(c.with_entry("a", |e| e.instances.load().len()), Some(0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expiry_follows_the_last_refresh() {
+        let c = Catalog::new();
+        let interval = Duration::from_millis(100);
+        c.announce(svc("a", "h:1"), Status::Passing, interval, 1.5, None);
+        c.announce(svc("a", "h:2"), Status::Passing, interval, 1.5, None);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        c.announce(svc("a", "h:2"), Status::Passing, interval, 1.5, None);
+        let (events, next) = c.expire(Instant::now());
+        assert!(events.is_empty());
+        tokio::time::advance(Duration::from_millis(51)).await;
+        let (events, _) = c.expire(Instant::now());
+        assert_eq!(events.len(), 1, "h:1 is due at 150 ms");
+        assert_eq!(events[0].instance.address(), "h:1");
+        assert!(next.is_some());
+        tokio::time::advance(Duration::from_millis(99)).await;
+        let (events, _) = c.expire(Instant::now());
+        assert_eq!(events[0].instance.address(), "h:2", "h:2 is due at 250 ms");
+        assert_eq!(c.len(), 0);
+    }
+}

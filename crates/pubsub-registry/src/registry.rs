@@ -1,0 +1,1207 @@
+//! The registry: registers this process's services, keeps the local cache of
+//! others' in step with the broker, and answers lookups from it.
+//!
+//! The path of a message: a transport subscription task receives it,
+//! [`protocol`](crate::protocol) decodes and checks it, the
+//! [`catalog`](crate::catalog) takes it in, and the change goes out as an
+//! [`Event`] to the callback and the event streams; lookups read the catalog.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::broadcast;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use crate::catalog::{Catalog, NameEntry};
+use crate::error::{Error, Result};
+use crate::event::{Event, EventStream};
+use crate::filter::{Chain, Filter, ObserveFilter};
+use crate::protocol::{self, Kind};
+use crate::service::{Instance, Instances, Service, Status};
+use crate::transport::memory::MemoryBus;
+use crate::transport::{Message, Messages, Topic, Transport};
+
+/// The Go package's lookup timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
+/// The Go package's register interval.
+pub const DEFAULT_REGISTER_INTERVAL: Duration = Duration::from_secs(20);
+/// The Go package's due factor: an instance expires when not heard from for
+/// its interval times this.
+pub const DEFAULT_DUE_FACTOR: f64 = 1.5;
+/// How often an instance answers pings for one name at most; pings within
+/// the window are answered once, at its end, so every pinger is served.
+pub const DEFAULT_PING_WINDOW: Duration = Duration::from_millis(50);
+/// Events a subscriber may fall behind by before it starts missing some.
+pub const DEFAULT_EVENT_CAPACITY: usize = 1024;
+
+type Callback = Arc<dyn Fn(&Event) + Send + Sync>;
+
+/// Builds a [`Registry`]; every option has the Go package's default.
+///
+/// ```no_run
+/// # #[tokio::main]
+/// # async fn main() -> pubsub_registry::Result<()> {
+/// use std::time::Duration;
+/// use pubsub_registry::{Filter, Registry};
+///
+/// let registry = Registry::builder()
+///     .nats_url("nats://127.0.0.1:4222")
+///     .main_topic("tenant-a")
+///     .timeout(Duration::from_millis(250))
+///     .filter(Filter::passing())
+///     .on_event(|e| println!("{} {}", e.kind.as_str(), e.instance.address()))
+///     .build()
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
+#[must_use]
+pub struct RegistryBuilder {
+    transport: Option<Source>,
+    opts: Options,
+}
+
+enum Source {
+    Ready(Arc<dyn Transport>),
+    #[cfg(feature = "nats")]
+    NatsUrl(String, Option<Box<async_nats::ConnectOptions>>),
+    #[cfg(feature = "nats")]
+    NatsClient(async_nats::Client),
+}
+
+#[derive(Clone)]
+struct Options {
+    timeout: Duration,
+    register_interval: Duration,
+    due_factor: f64,
+    main_topic: String,
+    filters: Vec<Filter>,
+    observe_filters: Vec<ObserveFilter>,
+    on_event: Option<Callback>,
+    host: String,
+    ping_window: Duration,
+    event_capacity: usize,
+}
+
+impl Default for RegistryBuilder {
+    fn default() -> Self {
+        RegistryBuilder {
+            transport: None,
+            opts: Options {
+                timeout: DEFAULT_TIMEOUT,
+                register_interval: DEFAULT_REGISTER_INTERVAL,
+                due_factor: DEFAULT_DUE_FACTOR,
+                main_topic: protocol::DEFAULT_MAIN_TOPIC.to_string(),
+                filters: Vec::new(),
+                observe_filters: Vec::new(),
+                on_event: None,
+                host: gethostname::gethostname().to_string_lossy().into_owned(),
+                ping_window: DEFAULT_PING_WINDOW,
+                event_capacity: DEFAULT_EVENT_CAPACITY,
+            },
+        }
+    }
+}
+
+impl RegistryBuilder {
+    /// Connects to NATS at `url` (several URLs separated by commas for a
+    /// cluster) when built.
+    #[cfg(feature = "nats")]
+    pub fn nats_url(mut self, url: impl Into<String>) -> Self {
+        self.transport = Some(Source::NatsUrl(url.into(), None));
+        self
+    }
+
+    /// Connects to NATS at `url` with the caller's connect options
+    /// (credentials, token, TLS, ...).
+    #[cfg(feature = "nats")]
+    pub fn nats_options(
+        mut self,
+        url: impl Into<String>,
+        options: async_nats::ConnectOptions,
+    ) -> Self {
+        self.transport = Some(Source::NatsUrl(url.into(), Some(Box::new(options))));
+        self
+    }
+
+    /// Runs over a NATS client the caller already has.
+    #[cfg(feature = "nats")]
+    pub fn nats_client(mut self, client: async_nats::Client) -> Self {
+        self.transport = Some(Source::NatsClient(client));
+        self
+    }
+
+    /// Runs over an in-process bus.
+    pub fn memory(mut self, bus: &MemoryBus) -> Self {
+        self.transport = Some(Source::Ready(Arc::new(bus.clone())));
+        self
+    }
+
+    /// Runs over any [`Transport`].
+    pub fn transport(mut self, transport: Arc<dyn Transport>) -> Self {
+        self.transport = Some(Source::Ready(transport));
+        self
+    }
+
+    /// How long a lookup that missed the cache waits for an answer to its
+    /// ping (default 100 ms).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.opts.timeout = timeout;
+        self
+    }
+
+    /// How often registered services are announced again (default 20 s).
+    pub fn register_interval(mut self, interval: Duration) -> Self {
+        self.opts.register_interval = interval;
+        self
+    }
+
+    /// An instance expires when not heard from for its announced interval
+    /// times this factor (default 1.5; at least 1).
+    pub fn due_factor(mut self, factor: f64) -> Self {
+        self.opts.due_factor = factor;
+        self
+    }
+
+    /// The prefix of every subject; one per tenant (default `registry`).
+    pub fn main_topic(mut self, topic: impl Into<String>) -> Self {
+        self.opts.main_topic = topic.into();
+        self
+    }
+
+    /// Adds a filter applied to every lookup.
+    pub fn filter(mut self, filter: Filter) -> Self {
+        self.opts.filters.push(filter);
+        self
+    }
+
+    /// Adds an observe filter: announcements it refuses never enter the
+    /// cache.
+    pub fn observe_filter(mut self, filter: ObserveFilter) -> Self {
+        self.opts.observe_filters.push(filter);
+        self
+    }
+
+    /// Calls `f` for every event, in order, on the task that received the
+    /// message (the Go package's observer event). Keep it short; use
+    /// [`Registry::events`] for anything slow.
+    pub fn on_event(mut self, f: impl Fn(&Event) + Send + Sync + 'static) -> Self {
+        self.opts.on_event = Some(Arc::new(f));
+        self
+    }
+
+    /// The host name put on services registered without one and used by the
+    /// same-host filters (default: this machine's).
+    pub fn host_name(mut self, host: impl Into<String>) -> Self {
+        self.opts.host = host.into();
+        self
+    }
+
+    /// The window within which pings for one name are answered once
+    /// (default 50 ms; zero answers every ping).
+    pub fn ping_window(mut self, window: Duration) -> Self {
+        self.opts.ping_window = window;
+        self
+    }
+
+    /// Events each stream subscriber may fall behind by (default 1024).
+    pub fn event_capacity(mut self, capacity: usize) -> Self {
+        self.opts.event_capacity = capacity;
+        self
+    }
+
+    /// Checks the options, connects, and starts the registry.
+    pub async fn build(self) -> Result<Registry> {
+        let o = &self.opts;
+        protocol::validate_main_topic(&o.main_topic)?;
+        if o.register_interval.is_zero() {
+            return Err(invalid("register_interval", "must be greater than zero"));
+        }
+        if !(o.due_factor >= 1.0 && o.due_factor <= 1000.0) {
+            return Err(invalid("due_factor", "must be between 1 and 1000"));
+        }
+        if o.event_capacity == 0 {
+            return Err(invalid("event_capacity", "must be at least 1"));
+        }
+        let transport: Arc<dyn Transport> = match self.transport.ok_or(Error::NoTransport)? {
+            Source::Ready(t) => t,
+            #[cfg(feature = "nats")]
+            Source::NatsUrl(url, None) => {
+                Arc::new(crate::transport::nats::NatsTransport::connect(&url).await?)
+            }
+            #[cfg(feature = "nats")]
+            Source::NatsUrl(url, Some(options)) => {
+                Arc::new(crate::transport::nats::NatsTransport::connect_with(&url, *options).await?)
+            }
+            #[cfg(feature = "nats")]
+            Source::NatsClient(client) => {
+                Arc::new(crate::transport::nats::NatsTransport::from_client(client))
+            }
+        };
+        Ok(Registry::start(transport, self.opts))
+    }
+}
+
+fn invalid(option: &'static str, reason: &str) -> Error {
+    Error::InvalidOption {
+        option,
+        reason: reason.to_string(),
+    }
+}
+
+/// Per-call lookup options: extra filters, cache only, a timeout of its own.
+///
+/// ```
+/// use std::time::Duration;
+/// use pubsub_registry::{Filter, Lookup};
+/// let lookup = Lookup::new()
+///     .filter(Filter::round_robin())
+///     .timeout(Duration::from_millis(500));
+/// # let _ = (lookup, Lookup::new().no_wait());
+/// ```
+#[derive(Clone, Debug, Default)]
+#[must_use]
+pub struct Lookup {
+    filters: Vec<Filter>,
+    no_wait: bool,
+    timeout: Option<Duration>,
+}
+
+impl Lookup {
+    /// No extra filter, the registry's timeout.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a filter for this call, after the registry's own.
+    pub fn filter(mut self, filter: Filter) -> Self {
+        self.filters.push(filter);
+        self
+    }
+
+    /// Answers from the cache only: no observe, no ping, no wait.
+    pub fn no_wait(mut self) -> Self {
+        self.no_wait = true;
+        self
+    }
+
+    /// How long to wait after a cache miss, instead of the registry's
+    /// timeout.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+/// Counters of what arrived from the network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Messages taken in (announcements, unregisters, pings).
+    pub received: u64,
+    /// Messages rejected as malformed or unsafe (see
+    /// [`DecodeError`](crate::protocol::DecodeError)); the cache never saw
+    /// them.
+    pub rejected: u64,
+    /// Announcements an observe filter refused.
+    pub filtered: u64,
+    /// Pings answered (coalesced pings count once).
+    pub pings_answered: u64,
+    /// Instances in the cache now.
+    pub instances: usize,
+}
+
+#[derive(Default)]
+struct Counters {
+    received: AtomicU64,
+    rejected: AtomicU64,
+    filtered: AtomicU64,
+    pings_answered: AtomicU64,
+    /// Unix seconds of the last rejection warning, to rate-limit them.
+    last_warning: AtomicU64,
+}
+
+/// A service registry over one pub/sub connection.
+///
+/// Cloning gives another handle to the same registry. When the last handle
+/// is dropped, the registry unregisters what it registered (best effort: use
+/// [`close`](Self::close) to wait for it).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> pubsub_registry::Result<()> {
+/// use pubsub_registry::{MemoryBus, Registry, Service, Status};
+///
+/// let bus = MemoryBus::new();
+/// let registry = Registry::builder().memory(&bus).build().await?;
+/// let svc = Service::new("api", "127.0.0.1:8080");
+/// let handle = registry.register(svc.clone()).await?;
+/// registry.set_service_status(&svc, Status::Warning).await?;
+/// let found = registry.get_service("api").await?;
+/// assert_eq!(found.status, Status::Warning);
+/// handle.unregister().await?;
+/// registry.close().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    transport: Arc<dyn Transport>,
+    opts: Options,
+    catalog: Arc<Catalog>,
+    events: broadcast::Sender<Event>,
+    own: Mutex<Own>,
+    /// Serialises subscribe and unsubscribe, which await the broker, so
+    /// concurrent lookups of one name subscribe once.
+    subs: tokio::sync::Mutex<Subs>,
+    closed: AtomicBool,
+    counters: Counters,
+    tasks: Mutex<Vec<AbortHandle>>,
+}
+
+type Key = (String, String);
+
+/// What a subscription is for.
+#[derive(Clone, Copy)]
+enum Listener {
+    /// Announcements and unregisters, for the cache.
+    Observer,
+    /// Pings for names registered here.
+    Pinged,
+}
+
+#[derive(Default)]
+struct Own {
+    services: HashMap<Key, Registered>,
+    pings: HashMap<String, Pinged>,
+}
+
+struct Registered {
+    service: Service,
+    status: Status,
+    heartbeat: AbortHandle,
+}
+
+struct Pinged {
+    listener: AbortHandle,
+    last_answer: Option<Instant>,
+    answer_pending: bool,
+}
+
+#[derive(Default)]
+struct Subs {
+    all: Option<AbortHandle>,
+    names: HashMap<String, AbortHandle>,
+}
+
+/// A registration; [`unregister`](Self::unregister) it to withdraw the
+/// service. Dropping it does not unregister (the service stays until the
+/// registry is closed or dropped).
+#[derive(Debug)]
+pub struct Registration {
+    registry: Weak<Inner>,
+    service: Service,
+}
+
+impl Registration {
+    /// The service as registered (with its host name filled in).
+    pub fn service(&self) -> &Service {
+        &self.service
+    }
+
+    /// Unregisters the service. A no-op if the registry is gone.
+    pub async fn unregister(self) -> Result<()> {
+        match self.registry.upgrade() {
+            Some(inner) => Registry { inner }.unregister(&self.service).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Registry {
+    /// A builder with the Go package's defaults.
+    pub fn builder() -> RegistryBuilder {
+        RegistryBuilder::default()
+    }
+
+    fn start(transport: Arc<dyn Transport>, opts: Options) -> Registry {
+        let (events, _) = broadcast::channel(opts.event_capacity);
+        let inner = Arc::new(Inner {
+            transport,
+            opts,
+            catalog: Arc::new(Catalog::new()),
+            events,
+            own: Mutex::default(),
+            subs: tokio::sync::Mutex::default(),
+            closed: AtomicBool::new(false),
+            counters: Counters::default(),
+            tasks: Mutex::default(),
+        });
+        let weak = Arc::downgrade(&inner);
+        let expiry = tokio::spawn(expire(inner.catalog.clone(), weak.clone()));
+        let mut tasks = vec![expiry.abort_handle()];
+        if let Some(reconnects) = inner.transport.reconnects() {
+            tasks.push(tokio::spawn(follow_reconnects(reconnects, weak)).abort_handle());
+        }
+        *lock(&inner.tasks) = tasks;
+        Registry { inner }
+    }
+
+    /// Registers a service: answers pings for its name, announces it now and
+    /// every register interval. Registering the same name and address again
+    /// replaces the details and keeps the status.
+    ///
+    /// Errors: an invalid name, an empty address, a closed registry, or the
+    /// broker refusing the subscription.
+    pub async fn register(&self, service: Service) -> Result<Registration> {
+        let inner = &self.inner;
+        inner.check()?;
+        protocol::validate_name(&service.name)?;
+        if service.address.is_empty() {
+            return Err(Error::InvalidService {
+                name: service.name,
+                reason: "the address is empty: an instance is identified by name and address",
+            });
+        }
+        let mut service = service;
+        if service.host.is_empty() {
+            service.host = inner.opts.host.clone();
+        }
+        inner.answer_pings(&service.name).await?;
+        let key = (service.name.clone(), service.address.clone());
+        let status = {
+            let mut own = lock(&inner.own);
+            match own.services.get_mut(&key) {
+                Some(r) => {
+                    r.service = service.clone();
+                    r.status
+                }
+                None => {
+                    let heartbeat = tokio::spawn(heartbeat(
+                        Arc::downgrade(inner),
+                        key.clone(),
+                        inner.opts.register_interval,
+                    ));
+                    own.services.insert(
+                        key,
+                        Registered {
+                            service: service.clone(),
+                            status: Status::Passing,
+                            heartbeat: heartbeat.abort_handle(),
+                        },
+                    );
+                    Status::Passing
+                }
+            }
+        };
+        inner.announce(&service, status).await?;
+        Ok(Registration {
+            registry: Arc::downgrade(inner),
+            service,
+        })
+    }
+
+    /// Withdraws a service registered here: stops announcing it, stops
+    /// answering pings for it (unlike the Go package, which brings it back),
+    /// and tells observers it is gone.
+    pub async fn unregister(&self, service: &Service) -> Result<()> {
+        let inner = &self.inner;
+        inner.check()?;
+        protocol::validate_name(&service.name)?;
+        let key = (service.name.clone(), service.address.clone());
+        let removed = {
+            let mut own = lock(&inner.own);
+            let removed = own.services.remove(&key);
+            if removed.is_some() && !own.services.keys().any(|(n, _)| *n == service.name) {
+                if let Some(p) = own.pings.remove(&service.name) {
+                    p.listener.abort();
+                }
+            }
+            removed
+        };
+        let Some(removed) = removed else {
+            return Err(Error::NotRegistered {
+                name: key.0,
+                address: key.1,
+            });
+        };
+        removed.heartbeat.abort();
+        inner.publish_unregister(&removed.service).await?;
+        inner.flush().await
+    }
+
+    /// Changes the status of a service registered here and announces it at
+    /// once; observers that cache it raise `StatusChanged`.
+    pub async fn set_service_status(&self, service: &Service, status: Status) -> Result<()> {
+        let inner = &self.inner;
+        inner.check()?;
+        protocol::validate_name(&service.name)?;
+        let registered = {
+            let mut own = lock(&inner.own);
+            own.services
+                .get_mut(&(service.name.clone(), service.address.clone()))
+                .map(|r| {
+                    r.status = status;
+                    r.service.clone()
+                })
+        };
+        match registered {
+            Some(s) => inner.announce(&s, status).await,
+            None => Err(Error::NotRegistered {
+                name: service.name.clone(),
+                address: service.address.clone(),
+            }),
+        }
+    }
+
+    /// The services registered here, with their status.
+    pub fn registered_services(&self) -> Vec<(Service, Status)> {
+        let own = lock(&self.inner.own);
+        let mut v: Vec<_> = own
+            .services
+            .values()
+            .map(|r| (r.service.clone(), r.status))
+            .collect();
+        v.sort_by(|a, b| (&a.0.name, &a.0.address).cmp(&(&b.0.name, &b.0.address)));
+        v
+    }
+
+    /// One instance of `name` that passes the registry's filters: from the
+    /// cache when it has one (no allocation, no lock), otherwise after
+    /// observing the name and pinging it, waiting up to the timeout.
+    pub async fn get_service(&self, name: &str) -> Result<Arc<Instance>> {
+        if let Some(i) = self.cached_service(name, &[]) {
+            return Ok(i);
+        }
+        self.get_service_with(name, &Lookup::new()).await
+    }
+
+    /// [`get_service`](Self::get_service) with per-call options.
+    pub async fn get_service_with(&self, name: &str, lookup: &Lookup) -> Result<Arc<Instance>> {
+        if let Some(i) = self.cached_service(name, &lookup.filters) {
+            return Ok(i);
+        }
+        let chain = self.inner.chain(&lookup.filters);
+        self.inner
+            .wait_for(name, lookup, |e| {
+                chain.pick(&e.instances.load(), &e.turn).cloned()
+            })
+            .await
+    }
+
+    /// Every instance of `name` that passes the filters (with round-robin,
+    /// the one next in turn). Unfiltered, the cache's snapshot is shared,
+    /// not copied. Waits like [`get_service`](Self::get_service) on a miss.
+    pub async fn get_services(&self, name: &str) -> Result<Instances> {
+        self.get_services_with(name, &Lookup::new()).await
+    }
+
+    /// [`get_services`](Self::get_services) with per-call options.
+    pub async fn get_services_with(&self, name: &str, lookup: &Lookup) -> Result<Instances> {
+        self.inner.check()?;
+        let chain = self.inner.chain(&lookup.filters);
+        let select = |e: &NameEntry| {
+            let found = chain.select(&e.instances.load_full(), &e.turn);
+            (!found.is_empty()).then_some(found)
+        };
+        if let Some(found) = self.inner.catalog.with_entry(name, select).flatten() {
+            return Ok(found);
+        }
+        self.inner.wait_for(name, lookup, select).await
+    }
+
+    /// The cache's answer alone: no wait, no network, no allocation.
+    /// `None` also when the registry is closed.
+    #[inline]
+    pub fn cached_service(&self, name: &str, filters: &[Filter]) -> Option<Arc<Instance>> {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::Relaxed) {
+            return None;
+        }
+        let chain = inner.chain(filters);
+        inner
+            .catalog
+            .with_entry(name, |e| chain.pick(&e.instances.load(), &e.turn).cloned())
+            .flatten()
+    }
+
+    /// Follows `name` in real time: subscribes to its announcements and
+    /// unregisters. Returns once the subscription is active.
+    pub async fn observe(&self, name: &str) -> Result<()> {
+        self.inner.check()?;
+        protocol::validate_name(name)?;
+        self.inner.observe(name).await
+    }
+
+    /// Follows every service under the main topic, dotted names included
+    /// (`*` in the Go API).
+    pub async fn observe_all(&self) -> Result<()> {
+        let inner = &self.inner;
+        inner.check()?;
+        let mut subs = inner.subs.lock().await;
+        if subs.all.is_some() {
+            return Ok(());
+        }
+        let messages = inner
+            .subscribe(Topic::Pattern(protocol::all_pattern(
+                &inner.opts.main_topic,
+            )))
+            .await?;
+        subs.all = Some(inner.listen(messages, Listener::Observer));
+        // Per-name subscriptions would only deliver everything twice now.
+        for (_, task) in subs.names.drain() {
+            task.abort();
+        }
+        Ok(())
+    }
+
+    /// Names of the services in the cache (with at least one instance).
+    pub fn observed_service_names(&self) -> Vec<String> {
+        self.inner.catalog.names()
+    }
+
+    /// Every instance in the cache.
+    pub fn cached_instances(&self) -> Vec<Arc<Instance>> {
+        self.inner.catalog.all()
+    }
+
+    /// The subjects this registry is subscribed to.
+    pub async fn subscribers(&self) -> Vec<String> {
+        let inner = &self.inner;
+        let main = &inner.opts.main_topic;
+        let mut subjects = Vec::new();
+        {
+            let subs = inner.subs.lock().await;
+            if subs.all.is_some() {
+                subjects.push(protocol::all_pattern(main));
+            }
+            for name in subs.names.keys() {
+                subjects.push(protocol::name_pattern(main, name));
+            }
+        }
+        for name in lock(&inner.own).pings.keys() {
+            subjects.push(protocol::subject(main, Kind::Ping, name));
+        }
+        subjects.sort();
+        subjects
+    }
+
+    /// Every event, as a stream.
+    pub fn events(&self) -> EventStream {
+        EventStream::new(self.inner.events.subscribe(), None)
+    }
+
+    /// The events of one service name, as a stream. Does not observe the
+    /// name by itself: call [`observe`](Self::observe) too.
+    pub fn events_for(&self, name: &str) -> EventStream {
+        EventStream::new(self.inner.events.subscribe(), Some(name.to_string()))
+    }
+
+    /// Counters of what arrived from the network.
+    pub fn stats(&self) -> Stats {
+        let c = &self.inner.counters;
+        Stats {
+            received: c.received.load(Ordering::Relaxed),
+            rejected: c.rejected.load(Ordering::Relaxed),
+            filtered: c.filtered.load(Ordering::Relaxed),
+            pings_answered: c.pings_answered.load(Ordering::Relaxed),
+            instances: self.inner.catalog.len(),
+        }
+    }
+
+    /// The host name this registry uses.
+    pub fn host_name(&self) -> &str {
+        &self.inner.opts.host
+    }
+
+    /// The main topic.
+    pub fn main_topic(&self) -> &str {
+        &self.inner.opts.main_topic
+    }
+
+    /// The transport it runs over.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.inner.transport
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Relaxed)
+    }
+
+    /// Whether two handles are the same registry.
+    pub fn ptr_eq(&self, other: &Registry) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Unregisters everything registered here, drops every subscription and
+    /// stops every task; later calls answer [`Error::Closed`]. Closing twice
+    /// is a no-op.
+    pub async fn close(&self) -> Result<()> {
+        let inner = &self.inner;
+        if inner.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let services = inner.stop_tasks();
+        {
+            let mut subs = inner.subs.lock().await;
+            if let Some(all) = subs.all.take() {
+                all.abort();
+            }
+            for (_, task) in subs.names.drain() {
+                task.abort();
+            }
+        }
+        let mut first_error = None;
+        for s in &services {
+            if let Err(e) = inner.publish_unregister(s).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Err(e) = inner.flush().await {
+            first_error.get_or_insert(e);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("transport", &self.inner.transport.describe())
+            .field("main_topic", &self.inner.opts.main_topic)
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    fn check(&self) -> Result<()> {
+        if self.closed.load(Ordering::Relaxed) {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn chain<'a>(&'a self, call: &'a [Filter]) -> Chain<'a> {
+        Chain {
+            defaults: &self.opts.filters,
+            call,
+            host: &self.opts.host,
+        }
+    }
+
+    /// The miss path of a lookup: observe, ping, wait for `pick` to find
+    /// something, all within the deadline.
+    async fn wait_for<T>(
+        self: &Arc<Self>,
+        name: &str,
+        lookup: &Lookup,
+        pick: impl Fn(&NameEntry) -> Option<T>,
+    ) -> Result<T> {
+        self.check()?;
+        protocol::validate_name(name)?;
+        let timeout = lookup.timeout.unwrap_or(self.opts.timeout);
+        let not_found = || Error::NotFound {
+            name: name.to_string(),
+            waited: if lookup.no_wait {
+                Duration::ZERO
+            } else {
+                timeout
+            },
+        };
+        if lookup.no_wait {
+            return self
+                .catalog
+                .with_entry(name, &pick)
+                .flatten()
+                .ok_or_else(not_found);
+        }
+        let search = async {
+            self.observe(name).await?;
+            let entry = self.catalog.ensure(name);
+            let mut changed = pin!(entry.changed.notified());
+            changed.as_mut().enable();
+            if let Some(found) = pick(&entry) {
+                return Ok(found);
+            }
+            self.ping(name).await?;
+            loop {
+                changed.as_mut().await;
+                changed.set(entry.changed.notified());
+                changed.as_mut().enable();
+                if let Some(found) = pick(&entry) {
+                    return Ok(found);
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, search).await {
+            Ok(found) => found,
+            Err(_) => Err(not_found()),
+        }
+    }
+
+    async fn observe(self: &Arc<Self>, name: &str) -> Result<()> {
+        let mut subs = self.subs.lock().await;
+        if subs.all.is_some() || subs.names.contains_key(name) {
+            return Ok(());
+        }
+        let pattern = protocol::name_pattern(&self.opts.main_topic, name);
+        let messages = self.subscribe(Topic::Pattern(pattern)).await?;
+        let task = self.listen(messages, Listener::Observer);
+        subs.names.insert(name.to_string(), task);
+        self.catalog.ensure(name);
+        Ok(())
+    }
+
+    /// Subscribes to pings for `name` if nothing registered here answers
+    /// them yet.
+    async fn answer_pings(self: &Arc<Self>, name: &str) -> Result<()> {
+        let _serial = self.subs.lock().await;
+        if lock(&self.own).pings.contains_key(name) {
+            return Ok(());
+        }
+        let subject = protocol::subject(&self.opts.main_topic, Kind::Ping, name);
+        let messages = self.subscribe(Topic::Subject(subject)).await?;
+        let listener = self.listen(messages, Listener::Pinged);
+        lock(&self.own).pings.insert(
+            name.to_string(),
+            Pinged {
+                listener,
+                last_answer: None,
+                answer_pending: false,
+            },
+        );
+        Ok(())
+    }
+
+    async fn subscribe(&self, topic: Topic) -> Result<Messages> {
+        self.transport.subscribe(topic).await
+    }
+
+    /// Spawns the task that feeds a subscription's messages to `handle`.
+    fn listen(self: &Arc<Self>, mut messages: Messages, listener: Listener) -> AbortHandle {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(msg) = messages.next().await {
+                let Some(inner) = weak.upgrade() else { return };
+                inner.handle(msg, listener).await;
+            }
+        })
+        .abort_handle()
+    }
+
+    async fn handle(self: &Arc<Self>, msg: Message, listener: Listener) {
+        self.counters.received.fetch_add(1, Ordering::Relaxed);
+        let Some((kind, name)) = protocol::parse_subject(&self.opts.main_topic, &msg.subject)
+        else {
+            return self.reject(&msg.subject, &"subject outside the main topic");
+        };
+        if let Err(e) = protocol::validate_name(name) {
+            return self.reject(&msg.subject, &e);
+        }
+        match (kind, listener) {
+            (Kind::Register, Listener::Observer) => self.on_announcement(name, &msg.payload),
+            (Kind::Unregister, Listener::Observer) => self.on_unregister(name, &msg.payload),
+            (Kind::Ping, Listener::Pinged) => self.on_ping(name).await,
+            // An observer's pattern also sees pings; they are not its business.
+            _ => {}
+        }
+    }
+
+    fn on_announcement(&self, name: &str, payload: &[u8]) {
+        let a = match protocol::decode(payload, name) {
+            Ok(a) => a,
+            Err(e) => return self.reject(name, &e),
+        };
+        if !self.accepts(&a.service) {
+            return;
+        }
+        let interval = a.interval().unwrap_or(self.opts.register_interval);
+        let sent = a.sent_at();
+        if let Some(event) =
+            self.catalog
+                .announce(a.service, a.status, interval, self.opts.due_factor, sent)
+        {
+            self.emit(event);
+        }
+    }
+
+    fn on_unregister(&self, name: &str, payload: &[u8]) {
+        match protocol::decode(payload, name) {
+            Ok(a) => {
+                if let Some(event) = self.catalog.remove(name, &a.service.address) {
+                    self.emit(event);
+                }
+            }
+            Err(e) => self.reject(name, &e),
+        }
+    }
+
+    /// Answers a ping at most once per window per name; a ping inside the
+    /// window gets one answer at its end, so a pinger that subscribed after
+    /// the last answer is still served.
+    async fn on_ping(self: &Arc<Self>, name: &str) {
+        let now = Instant::now();
+        let window = self.opts.ping_window;
+        let later = {
+            let mut own = lock(&self.own);
+            let Some(p) = own.pings.get_mut(name) else {
+                return;
+            };
+            match p.last_answer {
+                Some(last) if now < last + window => {
+                    if p.answer_pending {
+                        return;
+                    }
+                    p.answer_pending = true;
+                    Some(last + window)
+                }
+                _ => {
+                    p.last_answer = Some(now);
+                    None
+                }
+            }
+        };
+        match later {
+            None => self.answer(name).await,
+            Some(at) => {
+                let weak = Arc::downgrade(self);
+                let name = name.to_string();
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at).await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    if let Some(p) = lock(&inner.own).pings.get_mut(&name) {
+                        p.answer_pending = false;
+                        p.last_answer = Some(Instant::now());
+                    }
+                    inner.answer(&name).await;
+                });
+            }
+        }
+    }
+
+    /// Announces every instance of `name` registered here.
+    async fn answer(&self, name: &str) {
+        self.counters.pings_answered.fetch_add(1, Ordering::Relaxed);
+        for (service, status) in self.registered(|n| n == name) {
+            if let Err(e) = self.announce(&service, status).await {
+                tracing::warn!(error = %e, name, "cannot answer ping");
+            }
+        }
+    }
+
+    fn registered(&self, keep: impl Fn(&str) -> bool) -> Vec<(Service, Status)> {
+        lock(&self.own)
+            .services
+            .values()
+            .filter(|r| keep(&r.service.name))
+            .map(|r| (r.service.clone(), r.status))
+            .collect()
+    }
+
+    fn accepts(&self, s: &Service) -> bool {
+        let host = &self.opts.host;
+        let ok = self.opts.observe_filters.iter().all(|f| f.accepts(s, host));
+        if !ok {
+            self.counters.filtered.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// Counts a rejected message and warns, at most once a second.
+    fn reject(&self, what: &str, why: &dyn fmt::Display) {
+        let total = self.counters.rejected.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.counters.last_warning.load(Ordering::Relaxed);
+        if now > last
+            && self
+                .counters
+                .last_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let what: String = what.chars().take(80).collect();
+            tracing::warn!(%why, subject = %what, rejected_total = total, "rejected a message");
+        }
+    }
+
+    fn emit(&self, event: Event) {
+        if let Some(f) = &self.opts.on_event {
+            // A panicking callback must not take the subscription down.
+            if std::panic::catch_unwind(AssertUnwindSafe(|| f(&event))).is_err() {
+                tracing::error!("the on_event callback panicked");
+            }
+        }
+        let _ = self.events.send(event);
+    }
+
+    async fn ping(&self, name: &str) -> Result<()> {
+        let main = &self.opts.main_topic;
+        // Go ignores the reply subject; the Java port answers on it.
+        let reply = protocol::subject(main, Kind::Register, name);
+        self.transport
+            .publish(
+                protocol::subject(main, Kind::Ping, name),
+                Some(reply),
+                Bytes::new(),
+            )
+            .await
+    }
+
+    async fn announce(&self, service: &Service, status: Status) -> Result<()> {
+        let payload = protocol::encode_announcement(
+            service,
+            status,
+            SystemTime::now(),
+            self.opts.register_interval,
+        );
+        let subject = protocol::subject(&self.opts.main_topic, Kind::Register, &service.name);
+        self.transport.publish(subject, None, payload.into()).await
+    }
+
+    async fn publish_unregister(&self, service: &Service) -> Result<()> {
+        let subject = protocol::subject(&self.opts.main_topic, Kind::Unregister, &service.name);
+        let payload = protocol::encode_unregister(service);
+        self.transport.publish(subject, None, payload.into()).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.transport.flush().await
+    }
+
+    /// After a reconnection: announce everything at once and ping every
+    /// observed name, so caches on both sides are whole again without
+    /// waiting for heartbeats.
+    async fn recover(&self) {
+        for (service, status) in self.registered(|_| true) {
+            if let Err(e) = self.announce(&service, status).await {
+                tracing::warn!(error = %e, "cannot announce after reconnecting");
+            }
+        }
+        let names: Vec<String> = self.subs.lock().await.names.keys().cloned().collect();
+        for name in names {
+            let _ = self.ping(&name).await;
+        }
+        let _ = self.flush().await;
+    }
+
+    /// Stops every task; returns the services that were registered.
+    fn stop_tasks(&self) -> Vec<Service> {
+        for task in lock(&self.tasks).drain(..) {
+            task.abort();
+        }
+        let mut own = lock(&self.own);
+        for (_, p) in own.pings.drain() {
+            p.listener.abort();
+        }
+        own.services
+            .drain()
+            .map(|(_, r)| {
+                r.heartbeat.abort();
+                r.service
+            })
+            .collect()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let services = self.stop_tasks();
+        if let Ok(mut subs) = self.subs.try_lock() {
+            if let Some(all) = subs.all.take() {
+                all.abort();
+            }
+            for (_, task) in subs.names.drain() {
+                task.abort();
+            }
+        }
+        if self.closed.load(Ordering::SeqCst) || services.is_empty() {
+            return;
+        }
+        // The last handle went away without close(): unregister in the
+        // background if a runtime is still there to do it.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let transport = self.transport.clone();
+        let main = self.opts.main_topic.clone();
+        runtime.spawn(async move {
+            for s in &services {
+                let subject = protocol::subject(&main, Kind::Unregister, &s.name);
+                let payload = protocol::encode_unregister(s);
+                let _ = transport.publish(subject, None, payload.into()).await;
+            }
+            let _ = transport.flush().await;
+        });
+    }
+}
+
+async fn heartbeat(inner: Weak<Inner>, key: Key, interval: Duration) {
+    let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let current = lock(&inner.own)
+            .services
+            .get(&key)
+            .map(|r| (r.service.clone(), r.status));
+        let Some((service, status)) = current else {
+            return;
+        };
+        if let Err(e) = inner.announce(&service, status).await {
+            tracing::warn!(error = %e, name = %key.0, "heartbeat not sent");
+        }
+    }
+}
+
+async fn expire(catalog: Arc<Catalog>, inner: Weak<Inner>) {
+    loop {
+        let (events, next) = catalog.expire(Instant::now());
+        if !events.is_empty() {
+            let Some(inner) = inner.upgrade() else { return };
+            for event in events {
+                inner.emit(event);
+            }
+        }
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = catalog.timer.notified() => {}
+                }
+            }
+            None => catalog.timer.notified().await,
+        }
+    }
+}
+
+async fn follow_reconnects(mut reconnects: tokio::sync::watch::Receiver<u64>, inner: Weak<Inner>) {
+    reconnects.borrow_and_update();
+    while reconnects.changed().await.is_ok() {
+        let Some(inner) = inner.upgrade() else { return };
+        tracing::info!(transport = %inner.transport.describe(), "reconnected: announcing again");
+        inner.recover().await;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing here leaves the guarded state half-changed across a panic.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
