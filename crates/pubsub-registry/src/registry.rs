@@ -464,7 +464,8 @@ impl Registry {
     /// replaces the details and keeps the status.
     ///
     /// Errors: an invalid name, an empty address, a closed registry, or the
-    /// broker refusing the subscription.
+    /// broker refusing the subscription. A broker that is away is not an
+    /// error: the service is kept and announced as soon as the link is back.
     pub async fn register(&self, service: Service) -> Result<Registration> {
         let inner = &self.inner;
         inner.check()?;
@@ -506,7 +507,11 @@ impl Registry {
                 }
             }
         };
-        inner.announce(&service, status).await?;
+        // Kept even if the broker is away: heartbeats and the reconnection
+        // handler announce it when the link is back.
+        if let Err(e) = inner.announce(&service, status).await {
+            tracing::warn!(error = %e, name = %service.name, "registered, not announced yet");
+        }
         Ok(Registration {
             registry: Arc::downgrade(inner),
             service,

@@ -16,6 +16,9 @@ use tokio::sync::watch;
 use super::{Message, Messages, Topic, Transport};
 use crate::error::{Error, Result};
 
+/// Longest wait for the server to acknowledge what was sent.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A registry transport over an `async_nats::Client`.
 #[derive(Clone, Debug)]
 pub struct NatsTransport {
@@ -124,11 +127,10 @@ impl Transport for NatsTransport {
                 .await
                 .map_err(|e| Error::transport("subscribe", e))?;
             // The SUB must reach the server before the caller pings or
-            // announces, or the answer could beat the subscription.
-            self.client
-                .flush()
-                .await
-                .map_err(|e| Error::transport("flush", e))?;
+            // announces, or the answer could beat the subscription. While
+            // the server is away the client keeps the subscription and
+            // restores it on reconnection, so a bounded wait is enough.
+            let _ = tokio::time::timeout(FLUSH_TIMEOUT, self.client.flush()).await;
             let messages = sub.map(|m| Message {
                 subject: m.subject.to_string(),
                 reply: m.reply.map(|r| r.to_string()),
@@ -140,10 +142,10 @@ impl Transport for NatsTransport {
 
     fn flush(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            self.client
-                .flush()
-                .await
-                .map_err(|e| Error::transport("flush", e))
+            match tokio::time::timeout(FLUSH_TIMEOUT, self.client.flush()).await {
+                Ok(flushed) => flushed.map_err(|e| Error::transport("flush", e)),
+                Err(_) => Err(Error::transport("flush", "timed out: the NATS server is unreachable")),
+            }
         })
     }
 
