@@ -25,11 +25,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter(Filter::round_robin())
         .timeout(Duration::from_secs(1));
     let instance = registry.get_service_with("myservice", &lookup).await?;
-    println!("found myservice at {} ({})", instance.address(), instance.service.url);
+    println!(
+        "found myservice at {} ({})",
+        instance.address(),
+        instance.service.url
+    );
     println!("{}", common::get(instance.address()).await?);
 
     for i in registry.get_services("myservice").await?.iter() {
-        println!("instance {} on {}: {}", i.address(), i.service.host, i.status);
+        println!(
+            "instance {} on {}: {}",
+            i.address(),
+            i.service.host,
+            i.status
+        );
     }
     registry.close().await?;
     Ok(())

@@ -27,7 +27,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     println!(
         "transport: {}",
-        nats.as_deref().unwrap_or("in-memory (set NATS_URL to use NATS)")
+        nats.as_deref()
+            .unwrap_or("in-memory (set NATS_URL to use NATS)")
     );
 
     // The service side: take a free port, serve on it, announce it.
@@ -83,7 +84,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         event.instance.address(),
         event.kind.as_str()
     );
-    println!("client: cache now holds {} greeter(s)", client.get_services_with("greeter", &pubsub_registry::Lookup::new().no_wait()).await.map_or(0, |i| i.len()));
+    println!(
+        "client: cache now holds {} greeter(s)",
+        client
+            .get_services_with("greeter", &pubsub_registry::Lookup::new().no_wait())
+            .await
+            .map_or(0, |i| i.len())
+    );
     client.close().await?;
     Ok(())
 }

@@ -14,7 +14,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -44,6 +44,8 @@ pub(crate) struct NameEntry {
 pub(crate) struct Catalog {
     names: ArcSwap<NameMap>,
     writer: Mutex<Writer>,
+    /// Heap entries the expiry timer has examined.
+    pub(crate) expiry_checks: AtomicU64,
     /// Woken when the earliest due time moves earlier.
     pub(crate) timer: Notify,
 }
@@ -80,6 +82,7 @@ impl Catalog {
         Catalog {
             names: ArcSwap::from_pointee(NameMap::default()),
             writer: Mutex::new(Writer::default()),
+            expiry_checks: AtomicU64::new(0),
             timer: Notify::new(),
         }
     }
@@ -131,7 +134,7 @@ impl Catalog {
         factor: f64,
         sent: Option<SystemTime>,
     ) -> Option<Event> {
-        let due = Instant::now() + interval.mul_f64(factor).min(MAX_DUE);
+        let due = Instant::now() + interval.min(MAX_DUE).mul_f64(factor).min(MAX_DUE);
         let mut guard = self.lock();
         let w = &mut *guard;
         let state = self.state(w, &service.name);
@@ -227,6 +230,7 @@ impl Catalog {
             let Some(Reverse(d)) = w.heap.pop() else {
                 break;
             };
+            self.expiry_checks.fetch_add(1, Ordering::Relaxed);
             let Some(state) = w.names.get_mut(&d.name) else {
                 continue;
             };

@@ -37,7 +37,7 @@ pub enum Error {
 
     /// The builder was given no transport.
     #[error(
-        "no transport: call .nats_url(), .nats_client(), .memory() or .transport() on the builder"
+        "no transport: call .nats_url(), .nats_client(), .redis_url(), .redis_client(), .memory() or .transport() on the builder"
     )]
     NoTransport,
 

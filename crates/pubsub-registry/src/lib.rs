@@ -45,6 +45,8 @@ mod default;
 pub mod error;
 pub mod event;
 pub mod filter;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod net;
 pub mod protocol;
 mod registry;
@@ -66,3 +68,5 @@ pub use service::{Instance, Instances, Service, Status};
 pub use transport::memory::MemoryBus;
 #[cfg(feature = "nats")]
 pub use transport::nats::NatsTransport;
+#[cfg(feature = "redis")]
+pub use transport::redis::RedisTransport;

@@ -75,6 +75,22 @@ pub fn all_pattern(main: &str) -> String {
     format!("{main}.>")
 }
 
+/// `<main>.pingall`: "every instance, announce yourself", an extension of
+/// this crate (see [`Registry::ping_all`](crate::Registry::ping_all)). Two
+/// tokens, so it can collide with no `<main>.<kind>.<name>` subject, and
+/// peers that subscribe to `<main>.register.*` never see it.
+pub fn ping_all_subject(main: &str) -> String {
+    format!("{main}.pingall")
+}
+
+/// Whether `subject` is [`ping_all_subject`] of `main`.
+pub fn is_ping_all(main: &str, subject: &str) -> bool {
+    subject
+        .strip_prefix(main)
+        .and_then(|rest| rest.strip_prefix('.'))
+        == Some("pingall")
+}
+
 /// Splits `<main>.<kind>.<name>` into its kind and name; `None` for anything
 /// else. The name is not validated here.
 pub fn parse_subject<'a>(main: &str, subject: &'a str) -> Option<(Kind, &'a str)> {

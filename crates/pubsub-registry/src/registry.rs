@@ -75,6 +75,10 @@ enum Source {
     NatsUrl(String, Option<Box<async_nats::ConnectOptions>>),
     #[cfg(feature = "nats")]
     NatsClient(async_nats::Client),
+    #[cfg(feature = "redis")]
+    RedisUrl(String),
+    #[cfg(feature = "redis")]
+    RedisClient(redis::Client),
 }
 
 #[derive(Clone)]
@@ -136,6 +140,24 @@ impl RegistryBuilder {
     #[cfg(feature = "nats")]
     pub fn nats_client(mut self, client: async_nats::Client) -> Self {
         self.transport = Some(Source::NatsClient(client));
+        self
+    }
+
+    /// Connects to Redis at `url` when built: `redis://[user][:password@]host[:port][/db]`,
+    /// or `rediss://...` for TLS. The registry then uses two Redis
+    /// connections, whatever the number of names it observes.
+    #[cfg(feature = "redis")]
+    pub fn redis_url(mut self, url: impl Into<String>) -> Self {
+        self.transport = Some(Source::RedisUrl(url.into()));
+        self
+    }
+
+    /// Runs over Redis with a client the caller already has (its own TLS
+    /// certificates, credentials, ...); the two connections are opened from
+    /// it when built.
+    #[cfg(feature = "redis")]
+    pub fn redis_client(mut self, client: redis::Client) -> Self {
+        self.transport = Some(Source::RedisClient(client));
         self
     }
 
@@ -245,6 +267,14 @@ impl RegistryBuilder {
             Source::NatsClient(client) => {
                 Arc::new(crate::transport::nats::NatsTransport::from_client(client))
             }
+            #[cfg(feature = "redis")]
+            Source::RedisUrl(url) => {
+                Arc::new(crate::transport::redis::RedisTransport::connect(&url).await?)
+            }
+            #[cfg(feature = "redis")]
+            Source::RedisClient(client) => {
+                Arc::new(crate::transport::redis::RedisTransport::from_client(client).await?)
+            }
         };
         Ok(Registry::start(transport, self.opts))
     }
@@ -317,6 +347,10 @@ pub struct Stats {
     pub pings_answered: u64,
     /// Instances in the cache now.
     pub instances: usize,
+    /// Due-time entries the expiry timer examined: it grows with what comes
+    /// due (an expiry, or a refreshed instance's entry pushed back once per
+    /// due time), never with a scan of everything tracked.
+    pub expiry_checks: u64,
 }
 
 #[derive(Default)]
@@ -380,12 +414,16 @@ enum Listener {
     Observer,
     /// Pings for names registered here.
     Pinged,
+    /// "Ping all" (see [`Registry::ping_all`]).
+    PingAll,
 }
 
 #[derive(Default)]
 struct Own {
     services: HashMap<Key, Registered>,
     pings: HashMap<String, Pinged>,
+    /// The "ping all" listener, from the first registration on.
+    ping_all: Option<AbortHandle>,
 }
 
 struct Registered {
@@ -672,6 +710,20 @@ impl Registry {
         Ok(())
     }
 
+    /// Asks every instance registered by a registry of this crate under the
+    /// main topic to announce itself now, so an [`observe_all`](Self::observe_all)
+    /// cache fills at once instead of at the next heartbeats. An extension
+    /// of the protocol on its own subject, `<main>.pingall`, which the Go
+    /// package and the Java port neither subscribe to nor answer: their
+    /// instances show up at their next heartbeat.
+    pub async fn ping_all(&self) -> Result<()> {
+        let inner = &self.inner;
+        inner.check()?;
+        let subject = protocol::ping_all_subject(&inner.opts.main_topic);
+        inner.transport.publish(subject, None, Bytes::new()).await?;
+        inner.flush().await
+    }
+
     /// Names of the services in the cache (with at least one instance).
     pub fn observed_service_names(&self) -> Vec<String> {
         self.inner.catalog.names()
@@ -696,9 +748,14 @@ impl Registry {
                 subjects.push(protocol::name_pattern(main, name));
             }
         }
-        for name in lock(&inner.own).pings.keys() {
+        let own = lock(&inner.own);
+        for name in own.pings.keys() {
             subjects.push(protocol::subject(main, Kind::Ping, name));
         }
+        if own.ping_all.is_some() {
+            subjects.push(protocol::ping_all_subject(main));
+        }
+        drop(own);
         subjects.sort();
         subjects
     }
@@ -723,6 +780,7 @@ impl Registry {
             filtered: c.filtered.load(Ordering::Relaxed),
             pings_answered: c.pings_answered.load(Ordering::Relaxed),
             instances: self.inner.catalog.len(),
+            expiry_checks: self.inner.catalog.expiry_checks.load(Ordering::Relaxed),
         }
     }
 
@@ -876,6 +934,11 @@ impl Inner {
     /// them yet.
     async fn answer_pings(self: &Arc<Self>, name: &str) -> Result<()> {
         let _serial = self.subs.lock().await;
+        if lock(&self.own).ping_all.is_none() {
+            let subject = protocol::ping_all_subject(&self.opts.main_topic);
+            let messages = self.subscribe(Topic::Subject(subject)).await?;
+            lock(&self.own).ping_all = Some(self.listen(messages, Listener::PingAll));
+        }
         if lock(&self.own).pings.contains_key(name) {
             return Ok(());
         }
@@ -911,6 +974,13 @@ impl Inner {
 
     async fn handle(self: &Arc<Self>, msg: Message, listener: Listener) {
         self.counters.received.fetch_add(1, Ordering::Relaxed);
+        if protocol::is_ping_all(&self.opts.main_topic, &msg.subject) {
+            // An observer's `<main>.>` sees it too: not a malformed message.
+            if let Listener::PingAll = listener {
+                self.on_ping_all().await;
+            }
+            return;
+        }
         let Some((kind, name)) = protocol::parse_subject(&self.opts.main_topic, &msg.subject)
         else {
             return self.reject(&msg.subject, &"subject outside the main topic");
@@ -921,6 +991,10 @@ impl Inner {
         match (kind, listener) {
             (Kind::Register, Listener::Observer) => self.on_announcement(name, &msg.payload),
             (Kind::Unregister, Listener::Observer) => self.on_unregister(name, &msg.payload),
+            // Pings are empty (PROTOCOL.md); anything else is not a ping.
+            (Kind::Ping, Listener::Pinged) if !msg.payload.is_empty() => {
+                self.reject(&msg.subject, &"a ping with a payload")
+            }
             (Kind::Ping, Listener::Pinged) => self.on_ping(name).await,
             // An observer's pattern also sees pings; they are not its business.
             _ => {}
@@ -996,6 +1070,15 @@ impl Inner {
                     inner.answer(&name).await;
                 });
             }
+        }
+    }
+
+    /// A ping of every name registered here, each coalesced as its own
+    /// pings are.
+    async fn on_ping_all(self: &Arc<Self>) {
+        let names: Vec<String> = lock(&self.own).pings.keys().cloned().collect();
+        for name in names {
+            self.on_ping(&name).await;
         }
     }
 
@@ -1114,6 +1197,9 @@ impl Inner {
         let mut own = lock(&self.own);
         for (_, p) in own.pings.drain() {
             p.listener.abort();
+        }
+        if let Some(listener) = own.ping_all.take() {
+            listener.abort();
         }
         own.services
             .drain()

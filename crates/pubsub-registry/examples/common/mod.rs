@@ -10,7 +10,9 @@ use tokio::net::{TcpListener, TcpStream};
 /// Answers every request on `listener` with `body`.
 pub async fn serve(listener: TcpListener, body: String) {
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else { continue };
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
         let body = body.clone();
         tokio::spawn(async move {
             let mut request = [0u8; 1024];

@@ -14,6 +14,8 @@ use crate::error::Result;
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 /// A message as it arrives.
 #[derive(Clone, Debug)]

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::client::RequestErrorKind;
+use async_nats::connection::State;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
@@ -16,8 +18,15 @@ use tokio::sync::watch;
 use super::{Message, Messages, Topic, Transport};
 use crate::error::{Error, Result};
 
-/// Longest wait for the server to acknowledge what was sent.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for the server to acknowledge what was sent, or for the
+/// client to take a message while it is reconnecting.
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Nobody subscribes here: requests to it are answered by the server.
+const BARRIER_SUBJECT: &str = "_REGISTRY_BARRIER";
+
+/// Longest pause between two reconnection attempts.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_millis(250);
 
 /// A registry transport over an `async_nats::Client`.
 #[derive(Clone, Debug)]
@@ -29,9 +38,18 @@ pub struct NatsTransport {
 
 impl NatsTransport {
     /// Connects to `url` (one URL, or several separated by commas for a
-    /// cluster) with default options.
+    /// cluster) with this crate's defaults: reconnect forever, at most
+    /// 250 ms apart (async-nats backs off to 4 s, too slow to be whole again
+    /// within a second of the server's return), and deep subscription
+    /// buffers so that a burst of announcements is not dropped.
     pub async fn connect(url: &str) -> Result<Self> {
-        Self::connect_with(url, async_nats::ConnectOptions::new()).await
+        let options = async_nats::ConnectOptions::new()
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis(25u64.saturating_mul(attempts as u64))
+                    .min(MAX_RECONNECT_DELAY)
+            })
+            .subscription_capacity(1 << 18);
+        Self::connect_with(url, options).await
     }
 
     /// Connects to `url` with the caller's options (credentials, TLS, ...).
@@ -98,6 +116,26 @@ impl NatsTransport {
     }
 }
 
+impl NatsTransport {
+    /// Returns once the server has processed everything sent before.
+    /// `Client::flush` only empties the socket buffer; a request to a
+    /// subject nobody serves comes back as "no responders" from the server
+    /// itself, after everything ahead of it on this connection.
+    async fn round_trip(&self) -> Result<()> {
+        let request = self.client.request(BARRIER_SUBJECT, Bytes::new());
+        match tokio::time::timeout(SEND_TIMEOUT, request).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => Ok(()),
+            Ok(Err(e)) => Err(Error::transport("flush", e)),
+            Err(_) => Err(unreachable("flush")),
+        }
+    }
+}
+
+fn unreachable(op: &'static str) -> Error {
+    Error::transport(op, "timed out: the NATS server is unreachable")
+}
+
 impl Transport for NatsTransport {
     fn publish(
         &self,
@@ -106,15 +144,22 @@ impl Transport for NatsTransport {
         payload: Bytes,
     ) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            let sent = match reply {
-                Some(reply) => {
-                    self.client
-                        .publish_with_reply(subject, reply, payload)
-                        .await
+            let send = async {
+                match reply {
+                    Some(reply) => {
+                        self.client
+                            .publish_with_reply(subject, reply, payload)
+                            .await
+                    }
+                    None => self.client.publish(subject, payload).await,
                 }
-                None => self.client.publish(subject, payload).await,
             };
-            sent.map_err(|e| Error::transport("publish", e))
+            // The client queues while reconnecting; a full queue must not
+            // hang the caller.
+            match tokio::time::timeout(SEND_TIMEOUT, send).await {
+                Ok(sent) => sent.map_err(|e| Error::transport("publish", e)),
+                Err(_) => Err(unreachable("publish")),
+            }
         })
     }
 
@@ -126,11 +171,13 @@ impl Transport for NatsTransport {
                 .subscribe(subject)
                 .await
                 .map_err(|e| Error::transport("subscribe", e))?;
-            // The SUB must reach the server before the caller pings or
+            // The server must have taken the SUB before the caller pings or
             // announces, or the answer could beat the subscription. While
             // the server is away the client keeps the subscription and
-            // restores it on reconnection, so a bounded wait is enough.
-            let _ = tokio::time::timeout(FLUSH_TIMEOUT, self.client.flush()).await;
+            // restores it on reconnection: nothing to wait for then.
+            if self.client.connection_state() == State::Connected {
+                let _ = self.round_trip().await;
+            }
             let messages = sub.map(|m| Message {
                 subject: m.subject.to_string(),
                 reply: m.reply.map(|r| r.to_string()),
@@ -141,12 +188,7 @@ impl Transport for NatsTransport {
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async move {
-            match tokio::time::timeout(FLUSH_TIMEOUT, self.client.flush()).await {
-                Ok(flushed) => flushed.map_err(|e| Error::transport("flush", e)),
-                Err(_) => Err(Error::transport("flush", "timed out: the NATS server is unreachable")),
-            }
-        })
+        Box::pin(self.round_trip())
     }
 
     fn reconnects(&self) -> Option<watch::Receiver<u64>> {

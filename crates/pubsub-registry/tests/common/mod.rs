@@ -1,6 +1,6 @@
-//! What every integration test needs: a broker per test (in memory or a
-//! private nats-server), raw connections to it, and waiting on conditions
-//! with a deadline.
+//! What every integration test needs: a broker per test (in memory, or a
+//! private nats-server or redis-server), raw connections to it, and waiting
+//! on conditions with a deadline.
 #![allow(dead_code)]
 
 use std::future::Future;
@@ -11,6 +11,8 @@ use futures_util::StreamExt;
 use pubsub_registry::transport::{Messages, Topic, Transport};
 use pubsub_registry::{Event, EventKind, EventStream, MemoryBus, Registry, RegistryBuilder};
 use registry_harness::NatsServer;
+#[cfg(feature = "redis")]
+use registry_harness::RedisServer;
 use tokio::time::Instant;
 
 /// How long a test waits for something that should happen before failing.
@@ -24,6 +26,8 @@ pub const FIND: Duration = Duration::from_secs(5);
 pub enum Broker {
     Memory(MemoryBus),
     Nats(NatsServer),
+    #[cfg(feature = "redis")]
+    Redis(RedisServer),
 }
 
 /// One private broker and ways to connect to it.
@@ -48,12 +52,35 @@ impl Env {
         }
     }
 
+    #[cfg(feature = "redis")]
+    pub async fn redis() -> Env {
+        let server = tokio::task::spawn_blocking(RedisServer::start)
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{e}"));
+        Env {
+            broker: Broker::Redis(server),
+        }
+    }
+
+    /// Whether messages keep their reply subject on this broker (Redis has
+    /// none).
+    pub fn carries_replies(&self) -> bool {
+        match &self.broker {
+            Broker::Memory(_) | Broker::Nats(_) => true,
+            #[cfg(feature = "redis")]
+            Broker::Redis(_) => false,
+        }
+    }
+
     /// A builder on a new connection, with a lookup timeout fit for tests.
     pub fn builder(&self) -> RegistryBuilder {
         let b = Registry::builder().timeout(FIND);
         match &self.broker {
             Broker::Memory(bus) => b.memory(bus),
             Broker::Nats(s) => b.nats_url(s.url()),
+            #[cfg(feature = "redis")]
+            Broker::Redis(s) => b.redis_url(s.url()),
         }
     }
 
@@ -68,6 +95,12 @@ impl Env {
             Broker::Memory(bus) => Arc::new(bus.clone()),
             Broker::Nats(s) => Arc::new(
                 pubsub_registry::NatsTransport::connect(&s.url())
+                    .await
+                    .expect("raw connection"),
+            ),
+            #[cfg(feature = "redis")]
+            Broker::Redis(s) => Arc::new(
+                pubsub_registry::RedisTransport::connect(&s.url())
                     .await
                     .expect("raw connection"),
             ),
