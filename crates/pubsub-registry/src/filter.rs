@@ -111,6 +111,14 @@ impl Chain<'_> {
         if !self.round_robin() {
             return instances.iter().find(|i| self.keeps(i));
         }
+        if self.all().all(|f| matches!(f.0, Rule::RoundRobin)) {
+            // Nothing to filter: the turn indexes the snapshot directly.
+            if instances.is_empty() {
+                return None;
+            }
+            let n = turn.fetch_add(1, Ordering::Relaxed) % instances.len();
+            return instances.get(n);
+        }
         let matching = instances.iter().filter(|i| self.keeps(i)).count();
         if matching == 0 {
             return None;

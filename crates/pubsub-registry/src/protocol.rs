@@ -64,26 +64,27 @@ pub fn subject(main: &str, kind: Kind, name: &str) -> String {
     s
 }
 
-/// `<main>.*.<name>`: every kind of message for one name, as one NATS-style
-/// pattern, so that one subscription keeps them in order.
-pub fn name_pattern(main: &str, name: &str) -> String {
-    format!("{main}.*.{name}")
+/// `<main>.<kind>.>`: that kind of message for every name, dotted names
+/// included, as a NATS-style pattern.
+///
+/// ```
+/// use pubsub_registry::protocol::{all_pattern, Kind};
+/// assert_eq!(all_pattern("registry", Kind::Register), "registry.register.>");
+/// ```
+pub fn all_pattern(main: &str, kind: Kind) -> String {
+    format!("{main}.{}.>", kind.token())
 }
 
-/// `<main>.>`: every message under the main topic, dotted names included.
-pub fn all_pattern(main: &str) -> String {
-    format!("{main}.>")
-}
-
-/// `<main>.pingall`: "every instance, announce yourself", an extension of
-/// this crate (see [`Registry::ping_all`](crate::Registry::ping_all)). Two
-/// tokens, so it can collide with no `<main>.<kind>.<name>` subject, and
-/// peers that subscribe to `<main>.register.*` never see it.
+/// `<main>.pingall`: an extension of the protocol. Every instance registered
+/// by this crate under the main topic answers it by announcing itself, so a
+/// new observer of everything fills at once. Go and Java peers neither
+/// subscribe to it nor answer; as it has no third token it cannot collide
+/// with any service's subjects.
 pub fn ping_all_subject(main: &str) -> String {
     format!("{main}.pingall")
 }
 
-/// Whether `subject` is [`ping_all_subject`] of `main`.
+/// Whether `subject` is the "ping all" subject of `main`.
 pub fn is_ping_all(main: &str, subject: &str) -> bool {
     subject
         .strip_prefix(main)

@@ -78,7 +78,7 @@ enum Source {
     #[cfg(feature = "redis")]
     RedisUrl(String),
     #[cfg(feature = "redis")]
-    RedisClient(redis::Client),
+    RedisClient(Box<redis::Client>),
 }
 
 #[derive(Clone)]
@@ -157,7 +157,7 @@ impl RegistryBuilder {
     /// it when built.
     #[cfg(feature = "redis")]
     pub fn redis_client(mut self, client: redis::Client) -> Self {
-        self.transport = Some(Source::RedisClient(client));
+        self.transport = Some(Source::RedisClient(Box::new(client)));
         self
     }
 
@@ -273,7 +273,7 @@ impl RegistryBuilder {
             }
             #[cfg(feature = "redis")]
             Source::RedisClient(client) => {
-                Arc::new(crate::transport::redis::RedisTransport::from_client(client).await?)
+                Arc::new(crate::transport::redis::RedisTransport::from_client(*client).await?)
             }
         };
         Ok(Registry::start(transport, self.opts))
@@ -685,7 +685,8 @@ impl Registry {
     pub async fn observe(&self, name: &str) -> Result<()> {
         self.inner.check()?;
         protocol::validate_name(name)?;
-        self.inner.observe(name).await
+        self.inner.observe(name).await?;
+        self.inner.flush().await
     }
 
     /// Follows every service under the main topic, dotted names included
@@ -697,17 +698,20 @@ impl Registry {
         if subs.all.is_some() {
             return Ok(());
         }
+        let main = &inner.opts.main_topic;
         let messages = inner
-            .subscribe(Topic::Pattern(protocol::all_pattern(
-                &inner.opts.main_topic,
-            )))
+            .follow(
+                Topic::Pattern(protocol::all_pattern(main, Kind::Register)),
+                Topic::Pattern(protocol::all_pattern(main, Kind::Unregister)),
+            )
             .await?;
         subs.all = Some(inner.listen(messages, Listener::Observer));
         // Per-name subscriptions would only deliver everything twice now.
         for (_, task) in subs.names.drain() {
             task.abort();
         }
-        Ok(())
+        drop(subs);
+        inner.flush().await
     }
 
     /// Asks every instance registered by a registry of this crate under the
@@ -742,10 +746,12 @@ impl Registry {
         {
             let subs = inner.subs.lock().await;
             if subs.all.is_some() {
-                subjects.push(protocol::all_pattern(main));
+                subjects.push(protocol::all_pattern(main, Kind::Register));
+                subjects.push(protocol::all_pattern(main, Kind::Unregister));
             }
             for name in subs.names.keys() {
-                subjects.push(protocol::name_pattern(main, name));
+                subjects.push(protocol::subject(main, Kind::Register, name));
+                subjects.push(protocol::subject(main, Kind::Unregister, name));
             }
         }
         let own = lock(&inner.own);
@@ -917,13 +923,21 @@ impl Inner {
         }
     }
 
+    /// Subscribes to a name's messages. Does not wait for the broker to
+    /// take the subscription: a lookup's ping follows on the same
+    /// connection, so the broker has the subscription before any answer.
     async fn observe(self: &Arc<Self>, name: &str) -> Result<()> {
         let mut subs = self.subs.lock().await;
         if subs.all.is_some() || subs.names.contains_key(name) {
             return Ok(());
         }
-        let pattern = protocol::name_pattern(&self.opts.main_topic, name);
-        let messages = self.subscribe(Topic::Pattern(pattern)).await?;
+        let main = &self.opts.main_topic;
+        let messages = self
+            .follow(
+                Topic::Subject(protocol::subject(main, Kind::Register, name)),
+                Topic::Subject(protocol::subject(main, Kind::Unregister, name)),
+            )
+            .await?;
         let task = self.listen(messages, Listener::Observer);
         subs.names.insert(name.to_string(), task);
         self.catalog.ensure(name);
@@ -931,9 +945,10 @@ impl Inner {
     }
 
     /// Subscribes to pings for `name` if nothing registered here answers
-    /// them yet.
+    /// them yet, and waits until the broker has the subscription: a peer
+    /// may ping as soon as it hears the announcement.
     async fn answer_pings(self: &Arc<Self>, name: &str) -> Result<()> {
-        let _serial = self.subs.lock().await;
+        let serial = self.subs.lock().await;
         if lock(&self.own).ping_all.is_none() {
             let subject = protocol::ping_all_subject(&self.opts.main_topic);
             let messages = self.subscribe(Topic::Subject(subject)).await?;
@@ -953,11 +968,36 @@ impl Inner {
                 answer_pending: false,
             },
         );
+        drop(serial);
+        // A broker that is away gets the subscription on reconnection; the
+        // registration stands either way.
+        if let Err(e) = self.flush().await {
+            tracing::debug!(error = %e, name, "ping subscription not confirmed yet");
+        }
         Ok(())
     }
 
     async fn subscribe(&self, topic: Topic) -> Result<Messages> {
         self.transport.subscribe(topic).await
+    }
+
+    /// Announcements and unregisters, as one stream. Two subscriptions lose
+    /// their relative order, so when both have messages waiting the
+    /// announcements go first: a last heartbeat followed by an unregister
+    /// must never leave a ghost instance behind. (The rare reverse, an
+    /// unregister and an immediate re-register of the same address, leaves
+    /// the instance out until its next announcement or a lookup's ping.) A
+    /// single `<main>.*.<name>` subscription would keep the order but also
+    /// deliver every ping to every observer: a ping storm would cost the
+    /// broker observers x pings messages.
+    async fn follow(&self, announcements: Topic, unregisters: Topic) -> Result<Messages> {
+        let announcements = self.subscribe(announcements).await?;
+        let unregisters = self.subscribe(unregisters).await?;
+        let merged =
+            futures_util::stream::select_with_strategy(announcements, unregisters, |_: &mut ()| {
+                futures_util::stream::PollNext::Left
+            });
+        Ok(merged.boxed())
     }
 
     /// Spawns the task that feeds a subscription's messages to `handle`.
@@ -1182,9 +1222,24 @@ impl Inner {
                 tracing::warn!(error = %e, "cannot announce after reconnecting");
             }
         }
-        let names: Vec<String> = self.subs.lock().await.names.keys().cloned().collect();
+        // Peers that reconnected at the same moment may have announced
+        // before our subscriptions were back: ask every name we follow or
+        // hold to announce again (Go and Java peers answer per-name pings),
+        // and, when following everything, every instance of this crate.
+        let (mut names, all) = {
+            let subs = self.subs.lock().await;
+            let names: Vec<String> = subs.names.keys().cloned().collect();
+            (names, subs.all.is_some())
+        };
+        names.extend(self.catalog.names());
+        names.sort();
+        names.dedup();
         for name in names {
             let _ = self.ping(&name).await;
+        }
+        if all {
+            let subject = protocol::ping_all_subject(&self.opts.main_topic);
+            let _ = self.transport.publish(subject, None, Bytes::new()).await;
         }
         let _ = self.flush().await;
     }
@@ -1243,8 +1298,16 @@ impl Drop for Inner {
     }
 }
 
+/// Announces a registered service every `interval`, from a phase of its own
+/// within the interval: services registered together (10,000 at start-up)
+/// then heartbeat spread over the interval, not in one burst.
 async fn heartbeat(inner: Weak<Inner>, key: Key, interval: Duration) {
-    let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
+    let phase = {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(&key);
+        interval.mul_f64((h % 1000 + 1) as f64 / 1000.0)
+    };
+    let mut tick = tokio::time::interval_at(Instant::now() + phase, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;

@@ -520,8 +520,14 @@ async fn dotted_names(env: Env) {
         c.get_service("billing.invoices").await.unwrap().address(),
         "10.0.0.1:1"
     );
-    assert_eq!(all.subscribers().await, ["registry.>"]);
-    assert_eq!(plain.subscribers().await, ["registry.*.billing"]);
+    assert_eq!(
+        all.subscribers().await,
+        ["registry.register.>", "registry.unregister.>"]
+    );
+    assert_eq!(
+        plain.subscribers().await,
+        ["registry.register.billing", "registry.unregister.billing"]
+    );
 }
 
 async fn rejected_names_send_nothing(env: Env) {

@@ -246,6 +246,7 @@ async fn ping_storm_costs_each_instance_a_few_announcements() {
         .subscribe(Topic::Pattern("registry.register.>".into()))
         .await
         .unwrap();
+    raw.flush().await.unwrap();
 
     let publisher = Registry::builder().nats_url(&url).build().await.unwrap();
     publisher

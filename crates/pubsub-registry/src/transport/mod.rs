@@ -29,8 +29,8 @@ pub struct Message {
 }
 
 /// What to subscribe to. One subscription delivers its messages in the
-/// order the broker received them, which is why the registry follows a
-/// service's announcements and unregisters through a single pattern.
+/// order the broker received them; two subscriptions have no order between
+/// them.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Topic {
     /// Exactly this subject.
@@ -87,11 +87,13 @@ pub trait Transport: Send + Sync + 'static {
         payload: Bytes,
     ) -> BoxFuture<'_, Result<()>>;
 
-    /// Subscribes; the subscription is active on the broker when this
-    /// returns.
+    /// Subscribes. The broker may not have the subscription yet when this
+    /// returns; [`flush`](Self::flush) waits until it has. Messages this
+    /// connection publishes afterwards are matched against it either way.
     fn subscribe(&self, topic: Topic) -> BoxFuture<'_, Result<Messages>>;
 
-    /// Waits until everything published so far has reached the broker.
+    /// Waits until the broker has processed everything sent so far on this
+    /// connection: publishes and subscriptions.
     fn flush(&self) -> BoxFuture<'_, Result<()>>;
 
     /// A counter that moves each time the connection is re-established after

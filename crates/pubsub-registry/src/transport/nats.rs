@@ -171,13 +171,6 @@ impl Transport for NatsTransport {
                 .subscribe(subject)
                 .await
                 .map_err(|e| Error::transport("subscribe", e))?;
-            // The server must have taken the SUB before the caller pings or
-            // announces, or the answer could beat the subscription. While
-            // the server is away the client keeps the subscription and
-            // restores it on reconnection: nothing to wait for then.
-            if self.client.connection_state() == State::Connected {
-                let _ = self.round_trip().await;
-            }
             let messages = sub.map(|m| Message {
                 subject: m.subject.to_string(),
                 reply: m.reply.map(|r| r.to_string()),
@@ -188,7 +181,14 @@ impl Transport for NatsTransport {
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<()>> {
-        Box::pin(self.round_trip())
+        Box::pin(async move {
+            // While the server is away the client keeps subscriptions and
+            // restores them on reconnection: nothing to wait for then.
+            if self.client.connection_state() != State::Connected {
+                return Ok(());
+            }
+            self.round_trip().await
+        })
     }
 
     fn reconnects(&self) -> Option<watch::Receiver<u64>> {

@@ -120,7 +120,9 @@ impl Env {
     }
 
     pub async fn watch(&self, raw: &Arc<dyn Transport>, topic: Topic) -> Messages {
-        raw.subscribe(topic).await.expect("subscribe")
+        let messages = raw.subscribe(topic).await.expect("subscribe");
+        raw.flush().await.expect("flush");
+        messages
     }
 }
 
