@@ -54,12 +54,30 @@ pub(crate) struct Catalog {
 struct Writer {
     names: HashMap<Arc<str>, NameState, Hasher>,
     heap: BinaryHeap<Reverse<Due>>,
+    /// Names changed since the last commit.
+    dirty: Vec<Arc<str>>,
 }
 
 struct NameState {
     name: Arc<str>,
     entry: Arc<NameEntry>,
     slots: HashMap<Arc<str>, Slot, Hasher>,
+    /// The next snapshot, while a batch changes it.
+    pending: Option<Vec<Arc<Instance>>>,
+}
+
+/// A change to apply, decoded from the wire.
+pub(crate) enum Change {
+    Announce {
+        service: Service,
+        status: Status,
+        interval: Duration,
+        sent: Option<SystemTime>,
+    },
+    Remove {
+        name: String,
+        address: String,
+    },
 }
 
 struct Slot {
@@ -100,7 +118,7 @@ impl Catalog {
             return e.clone();
         }
         let mut w = self.lock();
-        self.state(&mut w, name).entry.clone()
+        self.state(&mut w.names, name).entry.clone()
     }
 
     /// Names with at least one instance, sorted.
@@ -125,7 +143,35 @@ impl Catalog {
             .collect()
     }
 
-    /// Takes in an announcement received now; returns the event it raises.
+    /// Applies changes received now under one lock, publishing each touched
+    /// name's snapshot once: a burst costs one copy per name, not one per
+    /// message. Returns the events raised, in order.
+    pub(crate) fn apply(
+        &self,
+        changes: impl IntoIterator<Item = Change>,
+        factor: f64,
+    ) -> Vec<Event> {
+        let mut guard = self.lock();
+        let w = &mut *guard;
+        let mut events = Vec::new();
+        for change in changes {
+            let event = match change {
+                Change::Announce {
+                    service,
+                    status,
+                    interval,
+                    sent,
+                } => self.announce_in(w, service, status, interval, factor, sent),
+                Change::Remove { name, address } => Self::remove_in(w, &name, &address),
+            };
+            events.extend(event);
+        }
+        self.commit(w);
+        events
+    }
+
+    /// Takes in one announcement received now; returns the event it raises.
+    #[cfg(test)]
     pub(crate) fn announce(
         &self,
         service: Service,
@@ -134,10 +180,36 @@ impl Catalog {
         factor: f64,
         sent: Option<SystemTime>,
     ) -> Option<Event> {
+        let change = Change::Announce {
+            service,
+            status,
+            interval,
+            sent,
+        };
+        self.apply([change], factor).pop()
+    }
+
+    /// Drops one instance at once; returns the `Unregistered` event.
+    #[cfg(test)]
+    pub(crate) fn remove(&self, name: &str, address: &str) -> Option<Event> {
+        let change = Change::Remove {
+            name: name.to_string(),
+            address: address.to_string(),
+        };
+        self.apply([change], 1.0).pop()
+    }
+
+    fn announce_in(
+        &self,
+        w: &mut Writer,
+        service: Service,
+        status: Status,
+        interval: Duration,
+        factor: f64,
+        sent: Option<SystemTime>,
+    ) -> Option<Event> {
         let due = Instant::now() + interval.min(MAX_DUE).mul_f64(factor).min(MAX_DUE);
-        let mut guard = self.lock();
-        let w = &mut *guard;
-        let state = self.state(w, &service.name);
+        let state = self.state(&mut w.names, &service.name);
         let (event, push) = match state.slots.get_mut(service.address.as_str()) {
             Some(slot) => {
                 slot.due = due;
@@ -157,10 +229,11 @@ impl Catalog {
                     let previous = slot.instance.status;
                     let instance = Arc::new(Instance::new(service, status, interval, sent));
                     slot.instance = instance.clone();
-                    state.publish(|v| {
-                        if let Some(old) = v.iter_mut().find(|i| i.address() == instance.address())
+                    let replaced = instance.clone();
+                    state.change(&mut w.dirty, move |v| {
+                        if let Some(old) = v.iter_mut().find(|i| i.address() == replaced.address())
                         {
-                            *old = instance.clone();
+                            *old = replaced;
                         }
                     });
                     let kind = if previous == status {
@@ -182,7 +255,8 @@ impl Catalog {
                         scheduled: due,
                     },
                 );
-                state.publish(|v| v.push(instance.clone()));
+                let added = instance.clone();
+                state.change(&mut w.dirty, move |v| v.push(added));
                 let push = Due {
                     at: due,
                     name: state.name.clone(),
@@ -205,16 +279,26 @@ impl Catalog {
         event
     }
 
-    /// Drops an instance at once; returns the `Unregistered` event.
-    pub(crate) fn remove(&self, name: &str, address: &str) -> Option<Event> {
-        let mut w = self.lock();
+    fn remove_in(w: &mut Writer, name: &str, address: &str) -> Option<Event> {
         let state = w.names.get_mut(name)?;
         let slot = state.slots.remove(address)?;
-        state.publish(|v| v.retain(|i| i.address() != address));
+        state.change(&mut w.dirty, |v| v.retain(|i| i.address() != address));
         Some(Event {
             kind: EventKind::Unregistered,
             instance: slot.instance,
         })
+    }
+
+    /// Publishes the snapshots a batch changed, and wakes their waiters.
+    fn commit(&self, w: &mut Writer) {
+        for name in w.dirty.drain(..) {
+            if let Some(state) = w.names.get_mut(&name) {
+                if let Some(v) = state.pending.take() {
+                    state.entry.instances.store(Arc::new(v));
+                    state.entry.changed.notify_waiters();
+                }
+            }
+        }
     }
 
     /// Drops every instance due by `now`; returns their `Expired` events and
@@ -246,13 +330,14 @@ impl Catalog {
                 continue;
             }
             if let Some(slot) = state.slots.remove(&d.address) {
-                state.publish(|v| v.retain(|i| i.address() != &*d.address));
+                state.change(&mut w.dirty, |v| v.retain(|i| i.address() != &*d.address));
                 events.push(Event {
                     kind: EventKind::Expired,
                     instance: slot.instance,
                 });
             }
         }
+        self.commit(w);
         (events, w.heap.peek().map(|Reverse(d)| d.at))
     }
 
@@ -261,8 +346,12 @@ impl Catalog {
         self.lock().names.values().map(|s| s.slots.len()).sum()
     }
 
-    fn state<'w>(&self, w: &'w mut Writer, name: &str) -> &'w mut NameState {
-        if !w.names.contains_key(name) {
+    fn state<'w>(
+        &self,
+        names: &'w mut HashMap<Arc<str>, NameState, Hasher>,
+        name: &str,
+    ) -> &'w mut NameState {
+        if !names.contains_key(name) {
             let name: Arc<str> = name.into();
             let entry = Arc::new(NameEntry::default());
             // New names are rare next to lookups: copying the map here keeps
@@ -270,16 +359,17 @@ impl Catalog {
             let mut map = NameMap::clone(&self.names.load());
             map.insert(name.clone(), entry.clone());
             self.names.store(Arc::new(map));
-            w.names.insert(
+            names.insert(
                 name.clone(),
                 NameState {
                     name,
                     entry,
                     slots: HashMap::default(),
+                    pending: None,
                 },
             );
         }
-        w.names.get_mut(name).expect("inserted above")
+        names.get_mut(name).expect("inserted above")
     }
 
     fn lock(&self) -> MutexGuard<'_, Writer> {
@@ -290,12 +380,18 @@ impl Catalog {
 }
 
 impl NameState {
-    /// Publishes a new snapshot made from the current one, and wakes waiters.
-    fn publish(&mut self, change: impl FnOnce(&mut Vec<Arc<Instance>>)) {
-        let mut v = Vec::clone(&self.entry.instances.load());
-        change(&mut v);
-        self.entry.instances.store(Arc::new(v));
-        self.entry.changed.notify_waiters();
+    /// Changes the next snapshot, starting it from the current one on the
+    /// first change of a batch.
+    fn change(&mut self, dirty: &mut Vec<Arc<str>>, change: impl FnOnce(&mut Vec<Arc<Instance>>)) {
+        let pending = match &mut self.pending {
+            Some(v) => v,
+            None => {
+                dirty.push(self.name.clone());
+                self.pending
+                    .insert(Vec::clone(&self.entry.instances.load()))
+            }
+        };
+        change(pending);
     }
 }
 

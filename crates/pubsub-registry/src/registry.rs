@@ -15,12 +15,12 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::broadcast;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use crate::catalog::{Catalog, NameEntry};
+use crate::catalog::{Catalog, Change, NameEntry};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventStream};
 use crate::filter::{Chain, Filter, ObserveFilter};
@@ -39,6 +39,9 @@ pub const DEFAULT_DUE_FACTOR: f64 = 1.5;
 /// How often an instance answers pings for one name at most; pings within
 /// the window are answered once, at its end, so every pinger is served.
 pub const DEFAULT_PING_WINDOW: Duration = Duration::from_millis(50);
+/// Most messages a subscription takes in under one lock of the cache.
+const MAX_BATCH: usize = 256;
+
 /// Events a subscriber may fall behind by before it starts missing some.
 pub const DEFAULT_EVENT_CAPACITY: usize = 1024;
 
@@ -1004,15 +1007,37 @@ impl Inner {
     fn listen(self: &Arc<Self>, mut messages: Messages, listener: Listener) -> AbortHandle {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
-            while let Some(msg) = messages.next().await {
+            let mut changes = Vec::new();
+            while let Some(first) = messages.next().await {
                 let Some(inner) = weak.upgrade() else { return };
-                inner.handle(msg, listener).await;
+                // Take whatever else is already waiting: the cache then
+                // publishes one snapshot per name for the whole batch.
+                let mut next = Some(first);
+                let mut taken = 0;
+                while let Some(msg) = next {
+                    inner.handle(msg, listener, &mut changes).await;
+                    taken += 1;
+                    next = if taken < MAX_BATCH {
+                        messages.next().now_or_never().flatten()
+                    } else {
+                        None
+                    };
+                }
+                if !changes.is_empty() {
+                    for event in inner
+                        .catalog
+                        .apply(changes.drain(..), inner.opts.due_factor)
+                    {
+                        inner.emit(event);
+                    }
+                }
             }
         })
         .abort_handle()
     }
 
-    async fn handle(self: &Arc<Self>, msg: Message, listener: Listener) {
+    /// Checks a message; what it asks of the cache goes to `changes`.
+    async fn handle(self: &Arc<Self>, msg: Message, listener: Listener, changes: &mut Vec<Change>) {
         self.counters.received.fetch_add(1, Ordering::Relaxed);
         if protocol::is_ping_all(&self.opts.main_topic, &msg.subject) {
             // An observer's `<main>.>` sees it too: not a malformed message.
@@ -1029,8 +1054,12 @@ impl Inner {
             return self.reject(&msg.subject, &e);
         }
         match (kind, listener) {
-            (Kind::Register, Listener::Observer) => self.on_announcement(name, &msg.payload),
-            (Kind::Unregister, Listener::Observer) => self.on_unregister(name, &msg.payload),
+            (Kind::Register, Listener::Observer) => {
+                changes.extend(self.on_announcement(name, &msg.payload))
+            }
+            (Kind::Unregister, Listener::Observer) => {
+                changes.extend(self.on_unregister(name, &msg.payload))
+            }
             // Pings are empty (PROTOCOL.md); anything else is not a ping.
             (Kind::Ping, Listener::Pinged) if !msg.payload.is_empty() => {
                 self.reject(&msg.subject, &"a ping with a payload")
@@ -1041,32 +1070,35 @@ impl Inner {
         }
     }
 
-    fn on_announcement(&self, name: &str, payload: &[u8]) {
+    fn on_announcement(&self, name: &str, payload: &[u8]) -> Option<Change> {
         let a = match protocol::decode(payload, name) {
             Ok(a) => a,
-            Err(e) => return self.reject(name, &e),
+            Err(e) => {
+                self.reject(name, &e);
+                return None;
+            }
         };
         if !self.accepts(&a.service) {
-            return;
+            return None;
         }
-        let interval = a.interval().unwrap_or(self.opts.register_interval);
-        let sent = a.sent_at();
-        if let Some(event) =
-            self.catalog
-                .announce(a.service, a.status, interval, self.opts.due_factor, sent)
-        {
-            self.emit(event);
-        }
+        Some(Change::Announce {
+            interval: a.interval().unwrap_or(self.opts.register_interval),
+            sent: a.sent_at(),
+            service: a.service,
+            status: a.status,
+        })
     }
 
-    fn on_unregister(&self, name: &str, payload: &[u8]) {
+    fn on_unregister(&self, name: &str, payload: &[u8]) -> Option<Change> {
         match protocol::decode(payload, name) {
-            Ok(a) => {
-                if let Some(event) = self.catalog.remove(name, &a.service.address) {
-                    self.emit(event);
-                }
+            Ok(a) => Some(Change::Remove {
+                name: a.service.name,
+                address: a.service.address,
+            }),
+            Err(e) => {
+                self.reject(name, &e);
+                None
             }
-            Err(e) => self.reject(name, &e),
         }
     }
 

@@ -1,0 +1,644 @@
+//! The load tool: measures the registry against the raw broker, in one run.
+//!
+//!     cargo run --release -p pubsub-registry --example load -- [SCENARIO] [--count N] [--url URL]
+//!
+//! Scenarios (all by default): `propagation`, `cold`, `ingest`, `memory`,
+//! `idle`, `heartbeat`; `redis` (with `--features redis`) measures
+//! propagation over Redis. Without `--url` a private `nats-server` is started
+//! on a free loopback port. Every figure is printed next to the raw
+//! async-nats (or redis) baseline measured the same way in the same run.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use pubsub_registry::transport::Transport;
+use pubsub_registry::{EventKind, NatsTransport, Registry, Service};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+struct Args {
+    scenarios: Vec<String>,
+    count: Option<usize>,
+    url: Option<String>,
+    role: Option<String>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        scenarios: Vec::new(),
+        count: None,
+        url: None,
+        role: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--count" => a.count = it.next().and_then(|v| v.parse().ok()),
+            "--url" => a.url = it.next(),
+            "--role" => a.role = it.next(),
+            "--bench" => {}
+            other if !other.starts_with('-') => a.scenarios.push(other.to_string()),
+            other => {
+                eprintln!("unknown flag {other}");
+                std::process::exit(2);
+            }
+        }
+    }
+    a
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let args = args();
+    if let Some(role) = &args.role {
+        return child(role, &args).await;
+    }
+    let _server;
+    let url = match &args.url {
+        Some(u) => u.clone(),
+        None => {
+            let s = registry_harness::NatsServer::start()?;
+            let u = s.url();
+            _server = s;
+            u
+        }
+    };
+    let all = [
+        "propagation",
+        "cold",
+        "ingest",
+        "memory",
+        "idle",
+        "heartbeat",
+    ];
+    let scenarios: Vec<String> = if args.scenarios.is_empty() {
+        all.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.scenarios.clone()
+    };
+    println!("machine: {} cores, {}", num_cores(), cpu_model());
+    for s in &scenarios {
+        match s.as_str() {
+            "propagation" => propagation(&url, args.count.unwrap_or(2000)).await?,
+            "cold" => cold(&url, args.count.unwrap_or(1000)).await?,
+            "ingest" => {
+                for n in [1_000, 10_000, args.count.unwrap_or(100_000)] {
+                    ingest(&url, n).await?;
+                }
+            }
+            "memory" | "idle" => observer_process(&url, args.count.unwrap_or(100_000), s).await?,
+            "heartbeat" => heartbeat(&url, args.count.unwrap_or(10_000)).await?,
+            #[cfg(feature = "redis")]
+            "redis" => redis::propagation(args.count.unwrap_or(2000)).await?,
+            other => return Err(format!("unknown scenario {other}").into()),
+        }
+    }
+    Ok(())
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn report(what: &str, ours: &mut [Duration], raw: &mut [Duration]) {
+    let (o50, o99, r50, r99) = (
+        pct(ours, 0.5),
+        pct(ours, 0.99),
+        pct(raw, 0.5),
+        pct(raw, 0.99),
+    );
+    println!(
+        "{what}: registry p50 {o50:?} p99 {o99:?} | raw p50 {r50:?} p99 {r99:?} | ratio p50 {:.2}x p99 {:.2}x (n={})",
+        o50.as_secs_f64() / r50.as_secs_f64(),
+        o99.as_secs_f64() / r99.as_secs_f64(),
+        ours.len()
+    );
+}
+
+async fn nats(url: &str) -> Result<Arc<NatsTransport>, Error> {
+    Ok(Arc::new(NatsTransport::connect(url).await?))
+}
+
+/// From `register` in one process to the `Registered` event in another,
+/// against raw publish-to-subscriber, both one at a time (paced) and all at
+/// once (burst).
+async fn propagation(url: &str, n: usize) -> Result<(), Error> {
+    for burst in [false, true] {
+        let mode = if burst { "burst" } else { "paced" };
+        // Raw: the payload is what an announcement weighs.
+        let publisher = async_nats::connect(url).await?;
+        let subscriber = async_nats::connect(url).await?;
+        let mut sub = subscriber.subscribe("raw.prop").await?;
+        subscriber.flush().await?;
+        let payload = Bytes::from(pubsub_registry::protocol::encode_announcement(
+            &Service::new("prop", "10.0.0.1:80"),
+            pubsub_registry::Status::Passing,
+            std::time::SystemTime::now(),
+            Duration::from_secs(20),
+        ));
+        let mut raw = Vec::with_capacity(n);
+        let mut sent = Vec::with_capacity(n);
+        if burst {
+            // Latency of each message: its arrival minus its own send time.
+            for _ in 0..n {
+                sent.push(Instant::now());
+                publisher.publish("raw.prop", payload.clone()).await?;
+            }
+            publisher.flush().await?;
+            for s in &sent {
+                sub.next().await.ok_or("raw subscription ended")?;
+                raw.push(s.elapsed());
+            }
+        } else {
+            for _ in 0..n {
+                let s = Instant::now();
+                publisher.publish("raw.prop", payload.clone()).await?;
+                sub.next().await.ok_or("raw subscription ended")?;
+                raw.push(s.elapsed());
+            }
+        }
+
+        let server = Registry::builder().nats_url(url).build().await?;
+        let observer = Registry::builder()
+            .nats_url(url)
+            .event_capacity(n * 2)
+            .build()
+            .await?;
+        let name = format!("prop-{mode}");
+        observer.observe(&name).await?;
+        let mut events = observer.events_for(&name);
+        // The first registration of a name also subscribes to its pings.
+        server.register(Service::new(&name, "warm:1")).await?;
+        events.next().await;
+        let mut ours = Vec::with_capacity(n);
+        if burst {
+            let mut sent = HashMap::with_capacity(n);
+            let started = Instant::now();
+            for i in 0..n {
+                let address = format!("10.0.{}.{}:80", i / 256, i % 256);
+                sent.insert(address.clone(), Instant::now());
+                server.register(Service::new(&name, address)).await?;
+            }
+            let registering = started.elapsed();
+            while ours.len() < n {
+                let ev = events.next().await.ok_or("events ended")??;
+                if ev.kind == EventKind::Registered {
+                    if let Some(s) = sent.get(ev.instance.address()) {
+                        ours.push(s.elapsed());
+                    }
+                }
+            }
+            println!(
+                "  ({n} register calls took {registering:?}; all events {:?} after the first call)",
+                started.elapsed()
+            );
+        } else {
+            for i in 0..n {
+                let address = format!("10.0.{}.{}:80", i / 256, i % 256);
+                let s = Instant::now();
+                server.register(Service::new(&name, address)).await?;
+                events.next().await.ok_or("events ended")??;
+                ours.push(s.elapsed());
+            }
+        }
+        report(&format!("propagation {mode}"), &mut ours, &mut raw);
+        server.close().await?;
+        observer.close().await?;
+    }
+    Ok(())
+}
+
+/// A client with an empty cache finding a service that answers pings,
+/// against a raw request/reply round trip.
+async fn cold(url: &str, n: usize) -> Result<(), Error> {
+    let responder = async_nats::connect(url).await?;
+    let mut requests = responder.subscribe("raw.cold").await?;
+    responder.flush().await?;
+    let answering = responder.clone();
+    tokio::spawn(async move {
+        while let Some(m) = requests.next().await {
+            if let Some(reply) = m.reply {
+                let _ = answering.publish(reply, m.payload).await;
+            }
+        }
+    });
+    let requester = async_nats::connect(url).await?;
+    let mut raw = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = Instant::now();
+        requester
+            .request("raw.cold", Bytes::from_static(b"{}"))
+            .await?;
+        raw.push(s.elapsed());
+    }
+
+    // One name per lookup: each instance answers pings for a name once per
+    // 50 ms at most, so lookups of one name in quick succession would
+    // measure that window, not the round trip.
+    let server = Registry::builder().nats_url(url).build().await?;
+    for i in 0..n {
+        server
+            .register(Service::new(format!("cold-{i}"), "10.0.0.1:80"))
+            .await?;
+    }
+    let shared: Arc<dyn Transport> = nats(url).await?;
+    let mut ours = Vec::with_capacity(n);
+    for i in 0..n {
+        let client = Registry::builder()
+            .transport(shared.clone())
+            .timeout(Duration::from_secs(5))
+            .build()
+            .await?;
+        let name = format!("cold-{i}");
+        let s = Instant::now();
+        client.get_service(&name).await?;
+        ours.push(s.elapsed());
+        client.close().await?;
+    }
+    report("cold lookup", &mut ours, &mut raw);
+    server.close().await?;
+    Ok(())
+}
+
+/// `n` announcements of distinct instances over 1,000 names, published by 4
+/// connections as fast as they can, into one observer of everything.
+async fn ingest(url: &str, n: usize) -> Result<(), Error> {
+    let payloads = announcements(n);
+    let publishers: Vec<async_nats::Client> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(async_nats::connect(url).await?);
+        }
+        v
+    };
+
+    // Raw: a subscriber of everything counting what it receives.
+    let subscriber = async_nats::connect(url).await?;
+    let mut sub = subscriber.subscribe("registry.register.>").await?;
+    subscriber.flush().await?;
+    let start = Instant::now();
+    let last_publish = publish_all(&publishers, &payloads).await?;
+    for _ in 0..n {
+        sub.next().await.ok_or("raw subscription ended")?;
+    }
+    let raw_done = start.elapsed();
+    let raw_after = Instant::now() - last_publish;
+    drop(sub);
+
+    let observer = Registry::builder().nats_url(url).build().await?;
+    observer.observe_all().await?;
+    let start = Instant::now();
+    let last_publish = publish_all(&publishers, &payloads).await?;
+    while observer.stats().instances < n {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let ours_done = start.elapsed();
+    let ours_after = Instant::now() - last_publish;
+    println!(
+        "ingest {n}: registry all visible {ours_done:?} after the first publish, {ours_after:?} after the last; {:.0} announcements/s, {:.2} us each \
+         | raw subscriber {raw_done:?} / {raw_after:?}; {:.0}/s | ratio {:.2}x",
+        n as f64 / ours_done.as_secs_f64(),
+        ours_done.as_secs_f64() * 1e6 / n as f64,
+        n as f64 / raw_done.as_secs_f64(),
+        ours_done.as_secs_f64() / raw_done.as_secs_f64(),
+    );
+    observer.close().await?;
+    Ok(())
+}
+
+/// Pre-encoded announcements of `n` instances over 1,000 names, as their
+/// own registries would send them (20 s interval).
+fn announcements(n: usize) -> Vec<(String, Bytes)> {
+    (0..n)
+        .map(|i| {
+            let name = format!("svc-{}", i % 1000);
+            let s = Service::new(
+                &name,
+                format!("10.{}.{}.{}:8080", i / 65536, (i / 256) % 256, i % 256),
+            )
+            .with_url(format!("http://10.0.0.1:{}/", 8000 + i % 1000))
+            .with_version("1.2.3")
+            .with_host("host-a")
+            .with_kv("zone", "eu-1");
+            let payload = pubsub_registry::protocol::encode_announcement(
+                &s,
+                pubsub_registry::Status::Passing,
+                std::time::SystemTime::now(),
+                Duration::from_secs(20),
+            );
+            (format!("registry.register.{name}"), Bytes::from(payload))
+        })
+        .collect()
+}
+
+async fn publish_all(
+    publishers: &[async_nats::Client],
+    payloads: &[(String, Bytes)],
+) -> Result<Instant, Error> {
+    let chunk = payloads.len().div_ceil(publishers.len());
+    let tasks: Vec<_> = publishers
+        .iter()
+        .zip(payloads.chunks(chunk))
+        .map(|(p, part)| {
+            let p = p.clone();
+            let part = part.to_vec();
+            tokio::spawn(async move {
+                for (subject, payload) in part {
+                    p.publish(subject, payload).await?;
+                }
+                p.flush().await?;
+                Ok::<_, Error>(Instant::now())
+            })
+        })
+        .collect();
+    let mut last = Instant::now();
+    for t in tasks {
+        last = last.max(t.await??);
+    }
+    Ok(last)
+}
+
+/// Runs an observer in a child process so that its memory and CPU are its
+/// own: the child reports its resident memory once it holds `n` instances,
+/// then its CPU use over 10 s with no traffic (their interval is 20 s).
+async fn observer_process(url: &str, n: usize, what: &str) -> Result<(), Error> {
+    let exe = std::env::current_exe()?;
+    let mut child = tokio::process::Command::new(exe)
+        .args([
+            "--role",
+            "observer",
+            "--url",
+            url,
+            "--count",
+            &n.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    let ready = lines.next_line().await?.ok_or("child ended")?;
+    if ready != "ready" {
+        return Err(format!("child said {ready}").into());
+    }
+    let publishers = vec![async_nats::connect(url).await?];
+    publish_all(&publishers, &announcements(n)).await?;
+    while let Some(line) = lines.next_line().await? {
+        if line.starts_with(what) {
+            println!("{line}");
+            break;
+        }
+    }
+    let _ = child.kill().await;
+    Ok(())
+}
+
+/// A publisher with `n` registered instances and a 5 s interval: how its
+/// heartbeats spread over the interval (messages per 100 ms on the broker)
+/// and what they cost it in CPU.
+async fn heartbeat(url: &str, n: usize) -> Result<(), Error> {
+    let counter = async_nats::connect(url).await?;
+    let mut sub = counter.subscribe("registry.register.>").await?;
+    counter.flush().await?;
+    let exe = std::env::current_exe()?;
+    let mut child = tokio::process::Command::new(exe)
+        .args([
+            "--role",
+            "publisher",
+            "--url",
+            url,
+            "--count",
+            &n.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    let ready = lines.next_line().await?.ok_or("child ended")?;
+    // Registration announcements are done: count heartbeats only, from now.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while sub.next().await.is_some() {
+            let _ = tx.send(Instant::now());
+        }
+    });
+    while rx.try_recv().is_ok() {}
+    let start = Instant::now();
+    let window = Duration::from_secs(10);
+    let mut buckets = vec![0usize; 100];
+    while start.elapsed() < window {
+        match tokio::time::timeout_at(start + window, rx.recv()).await {
+            Ok(Some(t)) => {
+                let b = ((t - start).as_millis() / 100) as usize;
+                if b < buckets.len() {
+                    buckets[b] += 1;
+                }
+            }
+            _ => break,
+        }
+    }
+    let cpu = lines.next_line().await?.unwrap_or_default();
+    let total: usize = buckets.iter().sum();
+    let max = buckets.iter().max().copied().unwrap_or(0);
+    println!(
+        "heartbeat {n} instances, 5 s interval ({ready}): {total} heartbeats in 10 s, {:.0}/s on average, busiest 100 ms {max} ({:.0}/s) | {cpu}",
+        total as f64 / 10.0,
+        max as f64 * 10.0
+    );
+    let _ = child.kill().await;
+    Ok(())
+}
+
+async fn child(role: &str, args: &Args) -> Result<(), Error> {
+    let url = args.url.clone().ok_or("--url")?;
+    let n = args.count.unwrap_or(100_000);
+    match role {
+        "observer" => {
+            let rss_before = rss_kib();
+            let observer = Registry::builder().nats_url(&url).build().await?;
+            observer.observe_all().await?;
+            println!("ready");
+            while observer.stats().instances < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let rss = rss_kib();
+            println!(
+                "memory {n} instances: observer process RSS {:.1} MiB ({:.1} MiB before the registry), {:.0} bytes per instance",
+                rss as f64 / 1024.0,
+                rss_before as f64 / 1024.0,
+                (rss - rss_before) as f64 * 1024.0 / n as f64
+            );
+            let (cpu0, t0) = (cpu_time(), Instant::now());
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let (cpu, wall) = (cpu_time() - cpu0, t0.elapsed());
+            println!(
+                "idle {n} instances: {:?} CPU in {wall:?} = {:.3}% of one core",
+                cpu,
+                cpu.as_secs_f64() * 100.0 / wall.as_secs_f64()
+            );
+            println!("stats {:?}", observer.stats());
+        }
+        "publisher" => {
+            let publisher = Registry::builder()
+                .nats_url(&url)
+                .register_interval(Duration::from_secs(5))
+                .build()
+                .await?;
+            let start = Instant::now();
+            for i in 0..n {
+                publisher
+                    .register(Service::new(
+                        format!("svc-{}", i % 1000),
+                        format!("10.9.{}.{}:80", i / 256, i % 256),
+                    ))
+                    .await?;
+            }
+            println!("registered in {:?}", start.elapsed());
+            let (cpu0, t0) = (cpu_time(), Instant::now());
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let (cpu, wall) = (cpu_time() - cpu0, t0.elapsed());
+            println!(
+                "publisher CPU {:?} in {wall:?} = {:.2}% of one core",
+                cpu,
+                cpu.as_secs_f64() * 100.0 / wall.as_secs_f64()
+            );
+        }
+        other => return Err(format!("unknown role {other}").into()),
+    }
+    Ok(())
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// User + system CPU time of this process.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+fn num_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+#[cfg(feature = "redis")]
+mod redis {
+    use super::*;
+
+    /// Register-to-event over Redis against raw PUBLISH to SUBSCRIBE.
+    pub async fn propagation(n: usize) -> Result<(), Error> {
+        let server = registry_harness::RedisServer::start()?;
+        let url = server.url();
+        for burst in [false, true] {
+            let mode = if burst { "burst" } else { "paced" };
+            let client = ::redis::Client::open(url.as_str())?;
+            let mut publisher = client.get_multiplexed_async_connection().await?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe("raw.prop").await?;
+            let mut messages = pubsub.on_message();
+            let payload = vec![b'x'; 200];
+            let mut raw = Vec::with_capacity(n);
+            if burst {
+                let mut sent = Vec::with_capacity(n);
+                for _ in 0..n {
+                    sent.push(Instant::now());
+                    let _: () = ::redis::cmd("PUBLISH")
+                        .arg("raw.prop")
+                        .arg(&payload)
+                        .query_async(&mut publisher)
+                        .await?;
+                }
+                for s in &sent {
+                    messages.next().await.ok_or("ended")?;
+                    raw.push(s.elapsed());
+                }
+            } else {
+                for _ in 0..n {
+                    let s = Instant::now();
+                    let _: () = ::redis::cmd("PUBLISH")
+                        .arg("raw.prop")
+                        .arg(&payload)
+                        .query_async(&mut publisher)
+                        .await?;
+                    messages.next().await.ok_or("ended")?;
+                    raw.push(s.elapsed());
+                }
+            }
+            drop(messages);
+
+            let reg = Registry::builder().redis_url(&url).build().await?;
+            let observer = Registry::builder()
+                .redis_url(&url)
+                .event_capacity(n * 2)
+                .build()
+                .await?;
+            let name = format!("prop-{mode}");
+            observer.observe(&name).await?;
+            let mut events = observer.events_for(&name);
+            reg.register(Service::new(&name, "warm:1")).await?;
+            events.next().await;
+            let mut ours = Vec::with_capacity(n);
+            if burst {
+                let mut sent = HashMap::with_capacity(n);
+                for i in 0..n {
+                    let address = format!("10.0.{}.{}:80", i / 256, i % 256);
+                    sent.insert(address.clone(), Instant::now());
+                    reg.register(Service::new(&name, address)).await?;
+                }
+                while ours.len() < n {
+                    let ev = events.next().await.ok_or("events ended")??;
+                    if let Some(s) = sent.get(ev.instance.address()) {
+                        ours.push(s.elapsed());
+                    }
+                }
+            } else {
+                for i in 0..n {
+                    let address = format!("10.0.{}.{}:80", i / 256, i % 256);
+                    let s = Instant::now();
+                    reg.register(Service::new(&name, address)).await?;
+                    events.next().await.ok_or("events ended")??;
+                    ours.push(s.elapsed());
+                }
+            }
+            report(&format!("redis propagation {mode}"), &mut ours, &mut raw);
+            reg.close().await?;
+            observer.close().await?;
+        }
+        Ok(())
+    }
+}
