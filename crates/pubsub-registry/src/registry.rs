@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -289,6 +290,13 @@ fn invalid(option: &'static str, reason: &str) -> Error {
         reason: reason.to_string(),
     }
 }
+
+/// The options of a plain lookup.
+static NO_OPTIONS: Lookup = Lookup {
+    filters: Vec::new(),
+    no_wait: false,
+    timeout: None,
+};
 
 /// Per-call lookup options: extra filters, cache only, a timeout of its own.
 ///
@@ -627,45 +635,66 @@ impl Registry {
     /// One instance of `name` that passes the registry's filters: from the
     /// cache when it has one (no allocation, no lock), otherwise after
     /// observing the name and pinging it, waiting up to the timeout.
-    pub async fn get_service(&self, name: &str) -> Result<Arc<Instance>> {
-        if let Some(i) = self.cached_service(name, &[]) {
-            return Ok(i);
-        }
-        self.get_service_with(name, &Lookup::new()).await
+    ///
+    /// The cache is read when this is called; the returned future is small
+    /// and answers at once on a hit (the miss path is boxed: it waits on the
+    /// network anyway).
+    pub fn get_service<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> impl Future<Output = Result<Arc<Instance>>> + Send + 'a {
+        self.get_service_with(name, &NO_OPTIONS)
     }
 
     /// [`get_service`](Self::get_service) with per-call options.
-    pub async fn get_service_with(&self, name: &str, lookup: &Lookup) -> Result<Arc<Instance>> {
-        if let Some(i) = self.cached_service(name, &lookup.filters) {
-            return Ok(i);
+    pub fn get_service_with<'a>(
+        &'a self,
+        name: &'a str,
+        lookup: &'a Lookup,
+    ) -> impl Future<Output = Result<Arc<Instance>>> + Send + 'a {
+        let hit = self.cached_service(name, &lookup.filters);
+        async move {
+            if let Some(i) = hit {
+                return Ok(i);
+            }
+            let chain = self.inner.chain(&lookup.filters);
+            let pick = move |e: &NameEntry| chain.pick(&e.instances.load(), &e.turn).cloned();
+            Box::pin(self.inner.wait_for(name, lookup, pick)).await
         }
-        let chain = self.inner.chain(&lookup.filters);
-        self.inner
-            .wait_for(name, lookup, |e| {
-                chain.pick(&e.instances.load(), &e.turn).cloned()
-            })
-            .await
     }
 
     /// Every instance of `name` that passes the filters (with round-robin,
     /// the one next in turn). Unfiltered, the cache's snapshot is shared,
     /// not copied. Waits like [`get_service`](Self::get_service) on a miss.
-    pub async fn get_services(&self, name: &str) -> Result<Instances> {
-        self.get_services_with(name, &Lookup::new()).await
+    pub fn get_services<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> impl Future<Output = Result<Instances>> + Send + 'a {
+        self.get_services_with(name, &NO_OPTIONS)
     }
 
     /// [`get_services`](Self::get_services) with per-call options.
-    pub async fn get_services_with(&self, name: &str, lookup: &Lookup) -> Result<Instances> {
-        self.inner.check()?;
-        let chain = self.inner.chain(&lookup.filters);
-        let select = |e: &NameEntry| {
+    pub fn get_services_with<'a>(
+        &'a self,
+        name: &'a str,
+        lookup: &'a Lookup,
+    ) -> impl Future<Output = Result<Instances>> + Send + 'a {
+        let inner = &self.inner;
+        let chain = inner.chain(&lookup.filters);
+        let select = move |e: &NameEntry| {
             let found = chain.select(&e.instances.load_full(), &e.turn);
             (!found.is_empty()).then_some(found)
         };
-        if let Some(found) = self.inner.catalog.with_entry(name, select).flatten() {
-            return Ok(found);
+        let hit = match inner.check() {
+            Ok(()) => inner.catalog.with_entry(name, select).flatten(),
+            Err(_) => None,
+        };
+        async move {
+            if let Some(found) = hit {
+                return Ok(found);
+            }
+            Box::pin(inner.wait_for(name, lookup, select)).await
         }
-        self.inner.wait_for(name, lookup, select).await
     }
 
     /// The cache's answer alone: no wait, no network, no allocation.

@@ -171,10 +171,15 @@ impl Transport for NatsTransport {
                 .subscribe(subject)
                 .await
                 .map_err(|e| Error::transport("subscribe", e))?;
-            let messages = sub.map(|m| Message {
-                subject: m.subject.to_string(),
-                reply: m.reply.map(|r| r.to_string()),
-                payload: m.payload,
+            // A message with a status comes from the server, not a peer: a
+            // ping carries `<main>.register.<name>` as its reply subject, so
+            // a ping nobody serves earns a "no responders" status there.
+            let messages = sub.filter_map(|m| {
+                std::future::ready(m.status.is_none().then(|| Message {
+                    subject: m.subject.to_string(),
+                    reply: m.reply.map(|r| r.to_string()),
+                    payload: m.payload,
+                }))
             });
             Ok(messages.boxed())
         })
