@@ -93,6 +93,8 @@ pub enum Error {
 }
 
 impl Error {
+    // Only the broker transports fail this way; the memory bus never does.
+    #[cfg_attr(not(any(feature = "nats", feature = "redis")), allow(dead_code))]
     pub(crate) fn transport(op: &'static str, source: impl Into<BoxError>) -> Self {
         Error::Transport {
             op,

@@ -257,6 +257,11 @@ impl RegistryBuilder {
         if o.event_capacity == 0 {
             return Err(invalid("event_capacity", "must be at least 1"));
         }
+        // With no broker feature only `Ready` is left to match.
+        #[cfg_attr(
+            not(any(feature = "nats", feature = "redis")),
+            allow(clippy::infallible_destructuring_match)
+        )]
         let transport: Arc<dyn Transport> = match self.transport.ok_or(Error::NoTransport)? {
             Source::Ready(t) => t,
             #[cfg(feature = "nats")]

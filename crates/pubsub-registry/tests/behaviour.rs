@@ -733,6 +733,9 @@ async fn no_wait_and_timeouts(env: Env) {
         b.get_service("later").await.unwrap().address(),
         "10.0.0.1:1"
     );
+    // A ping nobody serves is not answered with anything b could mistake
+    // for a malformed announcement (NATS's "no responders" status).
+    assert_eq!(b.stats().rejected, 0);
 }
 
 async fn callback_and_streams(env: Env) {

@@ -64,7 +64,7 @@ impl MemoryBus {
         Self::default()
     }
 
-    /// Messages dropped because a subscriber was [`BUFFER`]-many behind.
+    /// Messages dropped because a subscriber was 65,536 messages behind.
     pub fn dropped(&self) -> u64 {
         self.inner.dropped.load(Ordering::Relaxed)
     }

@@ -2,7 +2,7 @@
 //!
 //! A transport moves opaque messages; it knows nothing of the protocol. The
 //! registry decodes what arrives ([`protocol`](crate::protocol)) and feeds the
-//! [`catalog`](crate::catalog).
+//! catalog (the local cache).
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
