@@ -97,6 +97,27 @@ fn lookups(c: &mut Criterion) {
             a.max(b)
         })
     });
+    g.bench_function("with_cached_service/1", |b| {
+        b.iter(|| black_box(one.with_cached_service(black_box("svc"), &[], |i| i.service.port())))
+    });
+    g.bench_function("with_cached_service/1/two_threads", |b| {
+        b.iter_custom(|iters| {
+            let run = |r: Registry| {
+                std::thread::spawn(move || {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        black_box(
+                            r.with_cached_service(black_box("svc"), &[], |i| i.service.port()),
+                        );
+                    }
+                    start.elapsed()
+                })
+            };
+            let (a, b) = (run(one.clone()), run(one.clone()));
+            let (a, b): (Duration, Duration) = (a.join().unwrap(), b.join().unwrap());
+            a.max(b)
+        })
+    });
     g.finish();
 }
 

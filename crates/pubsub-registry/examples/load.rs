@@ -105,6 +105,13 @@ async fn main() -> Result<(), Error> {
     Ok(())
 }
 
+/// Returns once the server has processed this connection's subscriptions:
+/// `flush` only empties the socket, so a burst could beat the SUB. A
+/// request nobody serves is answered by the server itself, after them.
+async fn settled(client: &async_nats::Client) {
+    let _ = client.request("_LOAD_BARRIER", Bytes::new()).await;
+}
+
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
     v[((v.len() as f64 - 1.0) * p).round() as usize]
@@ -139,7 +146,7 @@ async fn propagation(url: &str, n: usize) -> Result<(), Error> {
         let publisher = async_nats::connect(url).await?;
         let subscriber = async_nats::connect(url).await?;
         let mut sub = subscriber.subscribe("raw.prop").await?;
-        subscriber.flush().await?;
+        settled(&subscriber).await;
         let payload = Bytes::from(pubsub_registry::protocol::encode_announcement(
             &Service::new("prop", "10.0.0.1:80"),
             pubsub_registry::Status::Passing,
@@ -227,7 +234,7 @@ async fn registry_propagation(
 async fn cold(url: &str, n: usize) -> Result<(), Error> {
     let responder = async_nats::connect(url).await?;
     let mut requests = responder.subscribe("raw.cold").await?;
-    responder.flush().await?;
+    settled(&responder).await;
     let answering = responder.clone();
     tokio::spawn(async move {
         while let Some(m) = requests.next().await {
@@ -289,7 +296,7 @@ async fn ingest(url: &str, n: usize) -> Result<(), Error> {
     // Raw: a subscriber of everything counting what it receives.
     let subscriber = async_nats::connect(url).await?;
     let mut sub = subscriber.subscribe("registry.register.>").await?;
-    subscriber.flush().await?;
+    settled(&subscriber).await;
     let start = Instant::now();
     let last_publish = publish_all(&publishers, &payloads).await?;
     for _ in 0..n {
@@ -412,7 +419,7 @@ async fn observer_process(url: &str, n: usize, what: &str) -> Result<(), Error> 
 async fn heartbeat(url: &str, n: usize) -> Result<(), Error> {
     let counter = async_nats::connect(url).await?;
     let mut sub = counter.subscribe("registry.register.>").await?;
-    counter.flush().await?;
+    settled(&counter).await;
     let exe = std::env::current_exe()?;
     let mut child = tokio::process::Command::new(exe)
         .args([

@@ -702,6 +702,44 @@ impl Registry {
         }
     }
 
+    /// Runs `f` on the instance the cache would answer with, borrowing it:
+    /// no reference count moves, so lookups from many threads do not touch
+    /// a shared cache line. `None` when the cache has no match (or the
+    /// registry is closed); never waits or pings.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> pubsub_registry::Result<()> {
+    /// # use pubsub_registry::{MemoryBus, Registry, Service};
+    /// # let bus = MemoryBus::new();
+    /// # let registry = Registry::builder().memory(&bus).build().await?;
+    /// # registry.register(Service::new("api", "10.0.0.1:80")).await?;
+    /// # registry.get_service("api").await?;
+    /// let port = registry.with_cached_service("api", &[], |i| i.service.port());
+    /// assert_eq!(port, Some(Some(80)));
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[inline]
+    pub fn with_cached_service<R>(
+        &self,
+        name: &str,
+        filters: &[Filter],
+        f: impl FnOnce(&Instance) -> R,
+    ) -> Option<R> {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::Relaxed) {
+            return None;
+        }
+        let chain = inner.chain(filters);
+        inner
+            .catalog
+            .with_entry(name, |e| {
+                chain.pick(&e.instances.load(), &e.turn).map(|i| f(i))
+            })
+            .flatten()
+    }
+
     /// The cache's answer alone: no wait, no network, no allocation.
     /// `None` also when the registry is closed.
     #[inline]

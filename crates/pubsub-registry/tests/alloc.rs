@@ -74,6 +74,8 @@ async fn cached_lookups_do_not_allocate() {
             .unwrap();
         let all = client.get_services("svc").now_or_never().unwrap().unwrap();
         let cached = client.cached_service("svc", &passing).unwrap();
+        let port = client.with_cached_service("svc", &[], |i| i.service.port());
+        assert_eq!(port, Some(Some(80)));
         assert_eq!(all.len(), 10);
         std::hint::black_box((one, next, all, cached));
     }
