@@ -757,7 +757,13 @@ impl Registry {
 
     /// Follows `name` in real time: subscribes to its announcements and
     /// unregisters. Returns once the subscription is active.
+    ///
+    /// `"*"` means every service, as in the Go API (see
+    /// [`observe_all`](Self::observe_all)).
     pub async fn observe(&self, name: &str) -> Result<()> {
+        if name == "*" {
+            return self.observe_all().await;
+        }
         self.inner.check()?;
         protocol::validate_name(name)?;
         self.inner.observe(name).await?;

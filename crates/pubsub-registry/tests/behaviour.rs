@@ -528,6 +528,13 @@ async fn dotted_names(env: Env) {
         plain.subscribers().await,
         ["registry.register.billing", "registry.unregister.billing"]
     );
+    let star = env.registry().await;
+    star.observe("*").await.unwrap();
+    assert_eq!(
+        star.subscribers().await,
+        all.subscribers().await,
+        "Go's \"*\""
+    );
 }
 
 async fn rejected_names_send_nothing(env: Env) {
