@@ -75,26 +75,17 @@ fn lookups(c: &mut Criterion) {
         b.iter(|| black_box(one.cached_service(black_box("svc"), &[])))
     });
     // Two threads look up the same name at once; the time is per lookup on
-    // each thread, to set beside get_service/1.
+    // each thread, to set beside the one-thread figures.
     g.bench_function("get_service/1/two_threads", |b| {
         b.iter_custom(|iters| {
-            let run = |r: Registry| {
-                std::thread::spawn(move || {
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        black_box(
-                            r.get_service(black_box("svc"))
-                                .now_or_never()
-                                .unwrap()
-                                .unwrap(),
-                        );
-                    }
-                    start.elapsed()
-                })
-            };
-            let (a, b) = (run(one.clone()), run(one.clone()));
-            let (a, b): (Duration, Duration) = (a.join().unwrap(), b.join().unwrap());
-            a.max(b)
+            two_threads(&one, iters, |r| {
+                black_box(
+                    r.get_service(black_box("svc"))
+                        .now_or_never()
+                        .unwrap()
+                        .unwrap(),
+                );
+            })
         })
     });
     g.bench_function("with_cached_service/1", |b| {
@@ -102,23 +93,28 @@ fn lookups(c: &mut Criterion) {
     });
     g.bench_function("with_cached_service/1/two_threads", |b| {
         b.iter_custom(|iters| {
-            let run = |r: Registry| {
-                std::thread::spawn(move || {
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        black_box(
-                            r.with_cached_service(black_box("svc"), &[], |i| i.service.port()),
-                        );
-                    }
-                    start.elapsed()
-                })
-            };
-            let (a, b) = (run(one.clone()), run(one.clone()));
-            let (a, b): (Duration, Duration) = (a.join().unwrap(), b.join().unwrap());
-            a.max(b)
+            two_threads(&one, iters, |r| {
+                black_box(r.with_cached_service(black_box("svc"), &[], |i| i.service.port()));
+            })
         })
     });
     g.finish();
+}
+
+/// Runs `lookup` `iters` times on each of two threads at once; the slower
+/// thread's time.
+fn two_threads(registry: &Registry, iters: u64, lookup: fn(&Registry)) -> Duration {
+    let run = |r: Registry| {
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            for _ in 0..iters {
+                lookup(&r);
+            }
+            start.elapsed()
+        })
+    };
+    let (a, b) = (run(registry.clone()), run(registry.clone()));
+    a.join().unwrap().max(b.join().unwrap())
 }
 
 criterion_group!(benches, lookups);

@@ -379,24 +379,29 @@ async fn publish_all(
     Ok(last)
 }
 
+type ChildLines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+/// This tool again, in a child process playing `role` against `url`: its
+/// memory and CPU are then its own. Returns it and its output lines.
+fn spawn_role(
+    role: &str,
+    url: &str,
+    n: usize,
+) -> Result<(tokio::process::Child, ChildLines), Error> {
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["--role", role, "--url", url, "--count", &n.to_string()])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    Ok((child, lines))
+}
+
 /// Runs an observer in a child process so that its memory and CPU are its
 /// own: the child reports its resident memory once it holds `n` instances,
 /// then its CPU use over 10 s with no traffic (their interval is 20 s).
 async fn observer_process(url: &str, n: usize, what: &str) -> Result<(), Error> {
-    let exe = std::env::current_exe()?;
-    let mut child = tokio::process::Command::new(exe)
-        .args([
-            "--role",
-            "observer",
-            "--url",
-            url,
-            "--count",
-            &n.to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    let (mut child, mut lines) = spawn_role("observer", url, n)?;
     let ready = lines.next_line().await?.ok_or("child ended")?;
     if ready != "ready" {
         return Err(format!("child said {ready}").into());
@@ -420,20 +425,7 @@ async fn heartbeat(url: &str, n: usize) -> Result<(), Error> {
     let counter = async_nats::connect(url).await?;
     let mut sub = counter.subscribe("registry.register.>").await?;
     settled(&counter).await;
-    let exe = std::env::current_exe()?;
-    let mut child = tokio::process::Command::new(exe)
-        .args([
-            "--role",
-            "publisher",
-            "--url",
-            url,
-            "--count",
-            &n.to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    let (mut child, mut lines) = spawn_role("publisher", url, n)?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while sub.next().await.is_some() {

@@ -783,19 +783,30 @@ async fn catalog_services(State(api): State<Api>, Query(query): RawQuery) -> Res
     reply(index, &services)
 }
 
+/// Parses a query on one service and answers it as a blocking query: its
+/// parameters, the service's index, and its instances.
+async fn one_service(
+    shared: &Shared,
+    name: &str,
+    query: &[(String, String)],
+) -> Result<(Params, u64, Vec<Arc<Instance>>), (StatusCode, String)> {
+    let q = Params::parse(shared, query)?;
+    let (index, instances) = shared
+        .block(&q, |ix| ix.name(name), |ix| ix.instances_of(name))
+        .await;
+    Ok((q, index, instances))
+}
+
 async fn catalog_service(
     State(api): State<Api>,
     Path(name): Path<String>,
     Query(query): RawQuery,
 ) -> Response {
     let shared = &api.0 .0;
-    let q = match Params::parse(shared, &query) {
-        Ok(q) => q,
+    let (q, index, instances) = match one_service(shared, &name, &query).await {
+        Ok(found) => found,
         Err(e) => return e.into_response(),
     };
-    let (index, instances) = shared
-        .block(&q, |ix| ix.name(&name), |ix| ix.instances_of(&name))
-        .await;
     let entries: Vec<CatalogService> = instances
         .iter()
         .filter(|i| q.keeps(i))
@@ -832,13 +843,10 @@ async fn health_service(
     Query(query): RawQuery,
 ) -> Response {
     let shared = &api.0 .0;
-    let q = match Params::parse(shared, &query) {
-        Ok(q) => q,
+    let (q, index, instances) = match one_service(shared, &name, &query).await {
+        Ok(found) => found,
         Err(e) => return e.into_response(),
     };
-    let (index, instances) = shared
-        .block(&q, |ix| ix.name(&name), |ix| ix.instances_of(&name))
-        .await;
     let entries: Vec<HealthEntry> = instances
         .iter()
         .filter(|i| q.keeps(i))

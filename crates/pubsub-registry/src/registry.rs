@@ -727,23 +727,24 @@ impl Registry {
         filters: &[Filter],
         f: impl FnOnce(&Instance) -> R,
     ) -> Option<R> {
-        let inner = &self.inner;
-        if inner.closed.load(Ordering::Relaxed) {
-            return None;
-        }
-        let chain = inner.chain(filters);
-        inner
-            .catalog
-            .with_entry(name, |e| {
-                chain.pick(&e.instances.load(), &e.turn).map(|i| f(i))
-            })
-            .flatten()
+        self.pick_cached(name, filters, |i| f(i))
     }
 
     /// The cache's answer alone: no wait, no network, no allocation.
     /// `None` also when the registry is closed.
     #[inline]
     pub fn cached_service(&self, name: &str, filters: &[Filter]) -> Option<Arc<Instance>> {
+        self.pick_cached(name, filters, Arc::clone)
+    }
+
+    /// Runs `f` on the instance the cache picks, under the snapshot's guard.
+    #[inline]
+    fn pick_cached<R>(
+        &self,
+        name: &str,
+        filters: &[Filter],
+        f: impl FnOnce(&Arc<Instance>) -> R,
+    ) -> Option<R> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::Relaxed) {
             return None;
@@ -751,7 +752,7 @@ impl Registry {
         let chain = inner.chain(filters);
         inner
             .catalog
-            .with_entry(name, |e| chain.pick(&e.instances.load(), &e.turn).cloned())
+            .with_entry(name, |e| chain.pick(&e.instances.load(), &e.turn).map(f))
             .flatten()
     }
 
