@@ -784,17 +784,18 @@ async fn catalog_services(State(api): State<Api>, Query(query): RawQuery) -> Res
 }
 
 /// Parses a query on one service and answers it as a blocking query: its
-/// parameters, the service's index, and its instances.
+/// index, and the instances its filters keep.
 async fn one_service(
     shared: &Shared,
     name: &str,
     query: &[(String, String)],
-) -> Result<(Params, u64, Vec<Arc<Instance>>), (StatusCode, String)> {
+) -> Result<(u64, Vec<Arc<Instance>>), (StatusCode, String)> {
     let q = Params::parse(shared, query)?;
-    let (index, instances) = shared
+    let (index, mut instances) = shared
         .block(&q, |ix| ix.name(name), |ix| ix.instances_of(name))
         .await;
-    Ok((q, index, instances))
+    instances.retain(|i| q.keeps(i));
+    Ok((index, instances))
 }
 
 async fn catalog_service(
@@ -803,13 +804,12 @@ async fn catalog_service(
     Query(query): RawQuery,
 ) -> Response {
     let shared = &api.0 .0;
-    let (q, index, instances) = match one_service(shared, &name, &query).await {
+    let (index, instances) = match one_service(shared, &name, &query).await {
         Ok(found) => found,
         Err(e) => return e.into_response(),
     };
     let entries: Vec<CatalogService> = instances
         .iter()
-        .filter(|i| q.keeps(i))
         .map(|i| {
             let node = shared.node(i);
             let (address, port) = split_address(&i.service.address);
@@ -843,13 +843,12 @@ async fn health_service(
     Query(query): RawQuery,
 ) -> Response {
     let shared = &api.0 .0;
-    let (q, index, instances) = match one_service(shared, &name, &query).await {
+    let (index, instances) = match one_service(shared, &name, &query).await {
         Ok(found) => found,
         Err(e) => return e.into_response(),
     };
     let entries: Vec<HealthEntry> = instances
         .iter()
-        .filter(|i| q.keeps(i))
         .map(|i| {
             let node = shared.node(i);
             let (address, port) = split_address(&i.service.address);

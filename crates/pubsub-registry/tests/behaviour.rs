@@ -640,7 +640,15 @@ async fn foreign_announcements_are_understood(env: Env) {
     assert_eq!(v["status"], "critical");
 }
 
-async fn hostile_messages_are_counted_and_ignored(env: Env) {
+/// An observer of everything that caches one instance, `victim` at
+/// 10.0.0.1:1, published raw; and the raw connection, for what comes next.
+async fn observer_of_a_victim(
+    env: &Env,
+) -> (
+    Registry,
+    pubsub_registry::EventStream,
+    Arc<dyn pubsub_registry::transport::Transport>,
+) {
     let b = env.registry().await;
     b.observe_all().await.unwrap();
     let mut events = b.events();
@@ -652,6 +660,11 @@ async fn hostile_messages_are_counted_and_ignored(env: Env) {
     )
     .await;
     next_event(&mut events, EventKind::Registered, "10.0.0.1:1").await;
+    (b, events, raw)
+}
+
+async fn hostile_messages_are_counted_and_ignored(env: Env) {
+    let (b, _events, raw) = observer_of_a_victim(&env).await;
 
     let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
     let big = format!(
@@ -884,19 +897,9 @@ async fn default_instance(env: Env) {
 }
 
 async fn a_flood_of_hostile_messages_changes_nothing(env: Env) {
-    let b = env.registry().await;
-    b.observe_all().await.unwrap();
-    let mut events = b.events();
+    let (b, mut events, raw) = observer_of_a_victim(&env).await;
     b.register(svc("pinged", "10.0.0.5:5")).await.unwrap();
     next_event(&mut events, EventKind::Registered, "10.0.0.5:5").await;
-    let raw = env.raw().await;
-    env.publish(
-        &raw,
-        "registry.register.victim",
-        r#"{"name":"victim","add":"10.0.0.1:1"}"#,
-    )
-    .await;
-    next_event(&mut events, EventKind::Registered, "10.0.0.1:1").await;
     let kinds = [
         ("registry.register.victim", "{"),
         ("registry.register.victim", r#"{"name":"victim","add":1}"#),
