@@ -6,14 +6,21 @@
 //! snapshots. A heartbeat that changes nothing but the time only moves the
 //! instance's due time, so it costs no snapshot at all.
 //!
+//! Each thread also remembers the snapshots it read last, with the name's
+//! version when it read them. A repeated lookup then costs a hash, a string
+//! compare and one plain atomic load of that version, and writes nothing
+//! shared: no reference count, no hazard slot.
+//!
 //! Expiry counts from when this process received an announcement (never the
 //! sender's clock). It is driven by a heap keyed by due time holding one entry
 //! per instance: a heartbeat only moves the slot's due time, and the entry is
 //! pushed back when it comes up early. The work is proportional to what comes
 //! due, not to what is tracked.
 
+use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -23,10 +30,13 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::event::{Event, EventKind};
-use crate::service::{Instance, Service, Status};
+use crate::service::{CompactString, Instance, Service, Status};
 
 type Hasher = foldhash::fast::RandomState;
 type NameMap = HashMap<Arc<str>, Arc<NameEntry>, Hasher>;
+
+/// The instances of one name, as published.
+pub(crate) type Snapshot = Arc<Vec<Arc<Instance>>>;
 
 /// Longest due time honoured, whatever an announcement claims.
 const MAX_DUE: Duration = Duration::from_secs(24 * 3600);
@@ -35,6 +45,8 @@ const MAX_DUE: Duration = Duration::from_secs(24 * 3600);
 #[derive(Default)]
 pub(crate) struct NameEntry {
     pub(crate) instances: ArcSwap<Vec<Arc<Instance>>>,
+    /// Bumped after each new snapshot is published (thread memos compare it).
+    version: AtomicU64,
     /// Round-robin turn.
     pub(crate) turn: AtomicUsize,
     /// Woken whenever the snapshot changes (lookups waiting on a ping).
@@ -42,6 +54,8 @@ pub(crate) struct NameEntry {
 }
 
 pub(crate) struct Catalog {
+    /// Tells this catalog's thread memos from another's.
+    id: u64,
     names: ArcSwap<NameMap>,
     writer: Mutex<Writer>,
     /// Heap entries the expiry timer has examined.
@@ -61,7 +75,8 @@ struct Writer {
 struct NameState {
     name: Arc<str>,
     entry: Arc<NameEntry>,
-    slots: HashMap<Arc<str>, Slot, Hasher>,
+    /// By address (inline for addresses up to 24 bytes: no allocation).
+    slots: HashMap<CompactString, Slot, Hasher>,
     /// The next snapshot, while a batch changes it.
     pending: Option<Vec<Arc<Instance>>>,
 }
@@ -75,8 +90,8 @@ pub(crate) enum Change {
         sent: Option<SystemTime>,
     },
     Remove {
-        name: String,
-        address: String,
+        name: CompactString,
+        address: CompactString,
     },
 }
 
@@ -92,12 +107,14 @@ struct Slot {
 struct Due {
     at: Instant,
     name: Arc<str>,
-    address: Arc<str>,
+    address: CompactString,
 }
 
 impl Catalog {
     pub(crate) fn new() -> Self {
+        static IDS: AtomicU64 = AtomicU64::new(1);
         Catalog {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             names: ArcSwap::from_pointee(NameMap::default()),
             writer: Mutex::new(Writer::default()),
             expiry_checks: AtomicU64::new(0),
@@ -105,11 +122,66 @@ impl Catalog {
         }
     }
 
-    /// Runs `f` on a name's entry, if the cache knows the name. Lock-free and
-    /// allocation-free.
+    /// Runs `f` on a name's snapshot and round-robin turn, if the cache
+    /// knows the name. Lock-free and allocation-free; from this thread's
+    /// memo when the name has not changed since this thread last read it.
     #[inline]
-    pub(crate) fn with_entry<R>(&self, name: &str, f: impl FnOnce(&NameEntry) -> R) -> Option<R> {
-        self.names.load().get(name).map(|e| f(e))
+    pub(crate) fn read<R>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&Snapshot, &AtomicUsize) -> R,
+    ) -> Option<R> {
+        let slot = memo_slot(name);
+        let mut f = Some(f);
+        let hit = MEMO.try_with(|m| {
+            let m = m.try_borrow().ok()?;
+            let memo = m[slot].as_ref()?;
+            let fresh = memo.catalog == self.id
+                && *memo.name == *name
+                && memo.entry.version.load(Ordering::Acquire) == memo.version;
+            // Run `f` under the borrow: cloning the snapshot out would move
+            // a reference count shared by every thread.
+            if !fresh {
+                return None;
+            }
+            let f = f.take()?;
+            Some(f(&memo.instances, &memo.entry.turn))
+        });
+        match (hit, f) {
+            (Ok(Some(r)), _) => Some(r),
+            (_, Some(f)) => self.read_and_remember(name, slot, f),
+            (_, None) => None,
+        }
+    }
+
+    #[cold]
+    fn read_and_remember<R>(
+        &self,
+        name: &str,
+        slot: usize,
+        f: impl FnOnce(&Snapshot, &AtomicUsize) -> R,
+    ) -> Option<R> {
+        let names = self.names.load();
+        let (key, entry) = names.get_key_value(name)?;
+        // The version first: if a commit lands in between, the memo is
+        // older than the snapshot it holds and is simply refreshed next time.
+        let version = entry.version.load(Ordering::Acquire);
+        let instances = entry.instances.load_full();
+        let r = f(&instances, &entry.turn);
+        // Skipped when `f` itself looked something up (a filter that calls
+        // the registry) and holds the memo, or during thread teardown.
+        let _ = MEMO.try_with(|m| {
+            if let Ok(mut m) = m.try_borrow_mut() {
+                m[slot] = Some(Memo {
+                    catalog: self.id,
+                    version,
+                    name: key.clone(),
+                    entry: entry.clone(),
+                    instances,
+                });
+            }
+        });
+        Some(r)
     }
 
     /// The entry of a name, created empty if needed (for lookups that wait).
@@ -193,8 +265,8 @@ impl Catalog {
     #[cfg(test)]
     pub(crate) fn remove(&self, name: &str, address: &str) -> Option<Event> {
         let change = Change::Remove {
-            name: name.to_string(),
-            address: address.to_string(),
+            name: name.into(),
+            address: address.into(),
         };
         self.apply([change], 1.0).pop()
     }
@@ -219,7 +291,7 @@ impl Catalog {
                     Due {
                         at: due,
                         name: state.name.clone(),
-                        address: service.address.as_str().into(),
+                        address: service.address.clone(),
                     }
                 });
                 if slot.instance.same_as(&service, status) {
@@ -245,7 +317,7 @@ impl Catalog {
                 }
             }
             None => {
-                let address: Arc<str> = service.address.as_str().into();
+                let address = service.address.clone();
                 let instance = Arc::new(Instance::new(service, status, interval, sent));
                 state.slots.insert(
                     address.clone(),
@@ -295,6 +367,7 @@ impl Catalog {
             if let Some(state) = w.names.get_mut(&name) {
                 if let Some(v) = state.pending.take() {
                     state.entry.instances.store(Arc::new(v));
+                    state.entry.version.fetch_add(1, Ordering::Release);
                     state.entry.changed.notify_waiters();
                 }
             }
@@ -330,7 +403,7 @@ impl Catalog {
                 continue;
             }
             if let Some(slot) = state.slots.remove(&d.address) {
-                state.change(&mut w.dirty, |v| v.retain(|i| i.address() != &*d.address));
+                state.change(&mut w.dirty, |v| v.retain(|i| i.address() != d.address));
                 events.push(Event {
                     kind: EventKind::Expired,
                     instance: slot.instance,
@@ -379,6 +452,27 @@ impl Catalog {
     }
 }
 
+/// One remembered read: a name's snapshot and the version it was read at.
+struct Memo {
+    catalog: u64,
+    version: u64,
+    name: Arc<str>,
+    entry: Arc<NameEntry>,
+    instances: Snapshot,
+}
+
+/// Memo slots per thread; a name always uses the slot its hash picks.
+const MEMO_SLOTS: usize = 16;
+
+thread_local! {
+    static MEMO: RefCell<[Option<Memo>; MEMO_SLOTS]> = const { RefCell::new([const { None }; MEMO_SLOTS]) };
+}
+
+#[inline]
+fn memo_slot(name: &str) -> usize {
+    foldhash::fast::FixedState::default().hash_one(name) as usize % MEMO_SLOTS
+}
+
 impl NameState {
     /// Changes the next snapshot, starting it from the current one on the
     /// first change of a batch.
@@ -415,9 +509,7 @@ mod tests {
         );
         assert_eq!(ev.unwrap().kind, EventKind::Registered);
         // Same content: a refresh, no event, same shared instance.
-        let before = c
-            .with_entry("a", |e| e.instances.load()[0].clone())
-            .unwrap();
+        let before = c.read("a", |v, _| v[0].clone()).unwrap();
         assert!(c
             .announce(
                 svc("a", "h:1"),
@@ -427,9 +519,7 @@ mod tests {
                 None
             )
             .is_none());
-        let after = c
-            .with_entry("a", |e| e.instances.load()[0].clone())
-            .unwrap();
+        let after = c.read("a", |v, _| v[0].clone()).unwrap();
         assert!(Arc::ptr_eq(&before, &after));
         let ev = c.announce(
             svc("a", "h:1"),
@@ -444,13 +534,46 @@ mod tests {
                 previous: Status::Passing
             }
         );
-        assert_eq!(
-            c.with_entry("a", |e| e.instances.load()[0].status),
-            Some(Status::Warning)
-        );
+        assert_eq!(c.read("a", |v, _| v[0].status), Some(Status::Warning));
         assert_eq!(c.remove("a", "h:1").unwrap().kind, EventKind::Unregistered);
         assert!(c.remove("a", "h:1").is_none());
-        assert_eq!(c.with_entry("a", |e| e.instances.load().len()), Some(0));
+        assert_eq!(c.read("a", |v, _| v.len()), Some(0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_thread_memo_never_answers_with_a_stale_snapshot() {
+        let (one, two) = (Catalog::new(), Catalog::new());
+        let interval = Duration::from_secs(1);
+        one.announce(svc("a", "h:1"), Status::Passing, interval, 1.5, None);
+        two.announce(svc("a", "h:2"), Status::Passing, interval, 1.5, None);
+        let addresses = |c: &Catalog| {
+            c.read("a", |v, _| {
+                v.iter()
+                    .map(|i| i.address().to_string())
+                    .collect::<Vec<_>>()
+            })
+        };
+        // Same name, same thread, same memo slot: each catalog its own answer.
+        for _ in 0..2 {
+            assert_eq!(addresses(&one).unwrap(), ["h:1"]);
+            assert_eq!(addresses(&two).unwrap(), ["h:2"]);
+        }
+        // A change after the memo was taken is seen at the next read.
+        assert_eq!(addresses(&one).unwrap(), ["h:1"]);
+        one.announce(svc("a", "h:3"), Status::Passing, interval, 1.5, None);
+        assert_eq!(addresses(&one).unwrap(), ["h:1", "h:3"]);
+        one.remove("a", "h:1");
+        assert_eq!(addresses(&one).unwrap(), ["h:3"]);
+        one.announce(svc("a", "h:3"), Status::Critical, interval, 1.5, None);
+        assert_eq!(one.read("a", |v, _| v[0].status), Some(Status::Critical));
+        // Another thread's reads do not disturb this one's.
+        std::thread::scope(|s| {
+            s.spawn(|| assert_eq!(addresses(&one).unwrap(), ["h:3"]));
+        });
+        tokio::time::advance(Duration::from_secs(2)).await;
+        one.expire(Instant::now());
+        assert_eq!(addresses(&one).unwrap(), Vec::<String>::new());
+        assert!(one.read("b", |_, _| ()).is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -16,7 +16,7 @@ use crate::service::{Instance, Instances, Service};
 /// use pubsub_registry::Filter;
 /// let filters = [
 ///     Filter::passing(),
-///     Filter::from_fn(|i| i.service.kv.get("zone").map(String::as_str) == Some("eu-1")),
+///     Filter::from_fn(|i| i.service.kv.get("zone") == Some("eu-1")),
 ///     Filter::round_robin(),
 /// ];
 /// # let _ = filters;

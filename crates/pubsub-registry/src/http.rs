@@ -63,7 +63,7 @@ use tokio::time::Instant;
 use crate::error::Result;
 use crate::event::{Event, EventKind, EventStream};
 use crate::registry::Registry;
-use crate::service::{Instance, Status};
+use crate::service::{Instance, Kv, Status};
 
 /// How long a blocking query waits when it gives no `wait` (Consul's default).
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(5 * 60);
@@ -372,7 +372,7 @@ impl Shared {
         let node = if s.host.is_empty() {
             host.to_string()
         } else {
-            s.host.clone()
+            s.host.to_string()
         };
         let address = if port.is_some() && !host.is_empty() {
             host.to_string()
@@ -561,11 +561,11 @@ fn node_meta(i: &Instance) -> BTreeMap<String, String> {
         .iter()
         .filter_map(|(k, v)| {
             let k = k.strip_prefix(NODE_META_PREFIX)?;
-            (!k.is_empty()).then(|| (k.to_string(), v.clone()))
+            (!k.is_empty()).then(|| (k.to_string(), v.to_string()))
         })
         .collect();
     meta.entry("host".to_string())
-        .or_insert_with(|| i.service.host.clone());
+        .or_insert_with(|| i.service.host.to_string());
     meta
 }
 
@@ -631,7 +631,7 @@ struct CatalogService {
     service_tags: Vec<String>,
     service_address: String,
     service_port: u16,
-    service_meta: BTreeMap<String, String>,
+    service_meta: Kv,
     service_weights: Weights,
     service_enable_tag_override: bool,
     create_index: u64,
@@ -668,7 +668,7 @@ struct HealthService {
     service: String,
     tags: Vec<String>,
     address: String,
-    meta: BTreeMap<String, String>,
+    meta: Kv,
     port: u16,
     weights: Weights,
     enable_tag_override: bool,
@@ -822,7 +822,7 @@ async fn catalog_service(
                 node_meta: node.meta,
                 service_kind: "",
                 service_id: service_id(i),
-                service_name: i.service.name.clone(),
+                service_name: i.service.name.to_string(),
                 service_tags: tags(i),
                 service_address: address.to_string(),
                 service_port: port.unwrap_or(0),
@@ -867,7 +867,7 @@ async fn health_service(
                     notes: String::new(),
                     output,
                     service_id: id.clone(),
-                    service_name: i.service.name.clone(),
+                    service_name: i.service.name.to_string(),
                     service_tags: tags.clone(),
                     kind: "ttl",
                     create_index: index,
@@ -875,7 +875,7 @@ async fn health_service(
                 }],
                 service: HealthService {
                     id,
-                    service: i.service.name.clone(),
+                    service: i.service.name.to_string(),
                     tags,
                     address: address.to_string(),
                     meta: i.service.kv.clone(),

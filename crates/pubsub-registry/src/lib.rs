@@ -64,7 +64,7 @@ pub use registry::{
     Lookup, Registration, Registry, RegistryBuilder, Stats, DEFAULT_DUE_FACTOR,
     DEFAULT_EVENT_CAPACITY, DEFAULT_PING_WINDOW, DEFAULT_REGISTER_INTERVAL, DEFAULT_TIMEOUT,
 };
-pub use service::{Instance, Instances, Service, Status};
+pub use service::{CompactString, Instance, Instances, Kv, Service, Status};
 pub use transport::memory::MemoryBus;
 #[cfg(feature = "nats")]
 pub use transport::nats::NatsTransport;

@@ -5,14 +5,13 @@
 //! and lenient where the other implementations differ (key case, unknown
 //! fields, unknown status).
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::service::{Service, Status};
+use crate::service::{CompactString, Kv, Service, Status};
 
 /// The Go package's main topic.
 pub const DEFAULT_MAIN_TOPIC: &str = "registry";
@@ -335,8 +334,8 @@ struct WireOut<'a> {
     v: &'a str,
     #[serde(skip_serializing_if = "str::is_empty")]
     h: &'a str,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    kv: &'a BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Kv::is_empty")]
+    kv: &'a Kv,
     #[serde(skip_serializing_if = "Option::is_none")]
     t: Option<WireTime>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -373,9 +372,9 @@ impl<'de> Visitor<'de> for WireVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Announcement, A::Error> {
         let mut a = Announcement::default();
-        while let Some(key) = map.next_key::<Key>()? {
+        while let Some(Key(key)) = map.next_key::<Key>()? {
             let s = &mut a.service;
-            match key.0.as_str() {
+            match key {
                 "net" => s.network = opt(&mut map)?,
                 "add" => s.address = opt(&mut map)?,
                 "url" => s.url = opt(&mut map)?,
@@ -390,7 +389,7 @@ impl<'de> Visitor<'de> for WireVisitor {
                     }
                 }
                 "status" => {
-                    let status: Option<String> = map.next_value()?;
+                    let status: Option<CompactString> = map.next_value()?;
                     // Unknown or missing statuses are passing (PROTOCOL.md).
                     a.status = status.and_then(|s| s.parse().ok()).unwrap_or_default();
                 }
@@ -407,9 +406,23 @@ fn opt<'de, A: MapAccess<'de>, T: Deserialize<'de> + Default>(map: &mut A) -> Re
     Ok(map.next_value::<Option<T>>()?.unwrap_or_default())
 }
 
-/// A key, lower-cased. Keys longer than any we know are kept short so a
-/// hostile key costs nothing to compare.
-struct Key(String);
+/// A known key, matched without regard to case and without allocating;
+/// `""` for any other key.
+struct Key(&'static str);
+
+const KEYS: [&str; 11] = [
+    "net",
+    "add",
+    "url",
+    "name",
+    "v",
+    "h",
+    "kv",
+    "t",
+    "status",
+    "registered",
+    "duration",
+];
 
 impl<'de> Deserialize<'de> for Key {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -420,10 +433,8 @@ impl<'de> Deserialize<'de> for Key {
                 f.write_str("a key")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
-                if v.len() > 16 {
-                    return Ok(Key(String::new()));
-                }
-                Ok(Key(v.to_ascii_lowercase()))
+                let known = KEYS.iter().find(|k| k.eq_ignore_ascii_case(v));
+                Ok(Key(known.copied().unwrap_or("")))
             }
         }
         d.deserialize_str(V)
@@ -454,8 +465,8 @@ impl<'de> DeserializeSeed<'de> for TimeSeed {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let (mut registered, mut duration) = (None, None);
-                while let Some(key) = map.next_key::<Key>()? {
-                    match key.0.as_str() {
+                while let Some(Key(key)) = map.next_key::<Key>()? {
+                    match key {
                         "registered" => registered = map.next_value()?,
                         "duration" => duration = map.next_value()?,
                         _ => {

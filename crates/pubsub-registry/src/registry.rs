@@ -10,9 +10,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -21,12 +22,12 @@ use tokio::sync::broadcast;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use crate::catalog::{Catalog, Change, NameEntry};
+use crate::catalog::{Catalog, Change, Snapshot};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventStream};
 use crate::filter::{Chain, Filter, ObserveFilter};
 use crate::protocol::{self, Kind};
-use crate::service::{Instance, Instances, Service, Status};
+use crate::service::{CompactString, Instance, Instances, Service, Status};
 use crate::transport::memory::MemoryBus;
 use crate::transport::{Message, Messages, Topic, Transport};
 
@@ -303,6 +304,25 @@ static NO_OPTIONS: Lookup = Lookup {
     timeout: None,
 };
 
+/// A lookup's future: ready at once on a cache hit (nothing to allocate or
+/// poll twice), boxed on a miss, which waits on the network anyway.
+enum Answer<'a, T> {
+    Ready(Option<Result<T>>),
+    Waiting(Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>),
+}
+
+impl<T: Unpin> Future for Answer<'_, T> {
+    type Output = Result<T>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+        match self.get_mut() {
+            Answer::Ready(found) => Poll::Ready(found.take().expect("polled after completion")),
+            Answer::Waiting(waiting) => waiting.as_mut().poll(cx),
+        }
+    }
+}
+
 /// Per-call lookup options: extra filters, cache only, a timeout of its own.
 ///
 /// ```
@@ -421,7 +441,7 @@ struct Inner {
     tasks: Mutex<Vec<AbortHandle>>,
 }
 
-type Key = (String, String);
+type Key = (CompactString, CompactString);
 
 /// What a subscription is for.
 #[derive(Clone, Copy)]
@@ -526,13 +546,13 @@ impl Registry {
         protocol::validate_name(&service.name)?;
         if service.address.is_empty() {
             return Err(Error::InvalidService {
-                name: service.name,
+                name: service.name.into(),
                 reason: "the address is empty: an instance is identified by name and address",
             });
         }
         let mut service = service;
         if service.host.is_empty() {
-            service.host = inner.opts.host.clone();
+            service.host = inner.opts.host.as_str().into();
         }
         inner.answer_pings(&service.name).await?;
         let key = (service.name.clone(), service.address.clone());
@@ -584,7 +604,7 @@ impl Registry {
             let mut own = lock(&inner.own);
             let removed = own.services.remove(&key);
             if removed.is_some() && !own.services.keys().any(|(n, _)| *n == service.name) {
-                if let Some(p) = own.pings.remove(&service.name) {
+                if let Some(p) = own.pings.remove(service.name.as_str()) {
                     p.listener.abort();
                 }
             }
@@ -592,8 +612,8 @@ impl Registry {
         };
         let Some(removed) = removed else {
             return Err(Error::NotRegistered {
-                name: key.0,
-                address: key.1,
+                name: key.0.into(),
+                address: key.1.into(),
             });
         };
         removed.heartbeat.abort();
@@ -619,8 +639,8 @@ impl Registry {
         match registered {
             Some(s) => inner.announce(&s, status).await,
             None => Err(Error::NotRegistered {
-                name: service.name.clone(),
-                address: service.address.clone(),
+                name: service.name.to_string(),
+                address: service.address.to_string(),
             }),
         }
     }
@@ -644,6 +664,7 @@ impl Registry {
     /// The cache is read when this is called; the returned future is small
     /// and answers at once on a hit (the miss path is boxed: it waits on the
     /// network anyway).
+    #[inline]
     pub fn get_service<'a>(
         &'a self,
         name: &'a str,
@@ -652,25 +673,26 @@ impl Registry {
     }
 
     /// [`get_service`](Self::get_service) with per-call options.
+    #[inline]
     pub fn get_service_with<'a>(
         &'a self,
         name: &'a str,
         lookup: &'a Lookup,
     ) -> impl Future<Output = Result<Arc<Instance>>> + Send + 'a {
-        let hit = self.cached_service(name, &lookup.filters);
-        async move {
-            if let Some(i) = hit {
-                return Ok(i);
-            }
-            let chain = self.inner.chain(&lookup.filters);
-            let pick = move |e: &NameEntry| chain.pick(&e.instances.load(), &e.turn).cloned();
-            Box::pin(self.inner.wait_for(name, lookup, pick)).await
+        match self.cached_service(name, &lookup.filters) {
+            Some(found) => Answer::Ready(Some(Ok(found))),
+            None => Answer::Waiting(Box::pin(async move {
+                let chain = self.inner.chain(&lookup.filters);
+                let pick = move |v: &Snapshot, turn: &AtomicUsize| chain.pick(v, turn).cloned();
+                self.inner.wait_for(name, lookup, pick).await
+            })),
         }
     }
 
     /// Every instance of `name` that passes the filters (with round-robin,
     /// the one next in turn). Unfiltered, the cache's snapshot is shared,
     /// not copied. Waits like [`get_service`](Self::get_service) on a miss.
+    #[inline]
     pub fn get_services<'a>(
         &'a self,
         name: &'a str,
@@ -679,6 +701,7 @@ impl Registry {
     }
 
     /// [`get_services`](Self::get_services) with per-call options.
+    #[inline]
     pub fn get_services_with<'a>(
         &'a self,
         name: &'a str,
@@ -686,19 +709,17 @@ impl Registry {
     ) -> impl Future<Output = Result<Instances>> + Send + 'a {
         let inner = &self.inner;
         let chain = inner.chain(&lookup.filters);
-        let select = move |e: &NameEntry| {
-            let found = chain.select(&e.instances.load_full(), &e.turn);
+        let select = move |v: &Snapshot, turn: &AtomicUsize| {
+            let found = chain.select(v, turn);
             (!found.is_empty()).then_some(found)
         };
         let hit = match inner.check() {
-            Ok(()) => inner.catalog.with_entry(name, select).flatten(),
+            Ok(()) => inner.catalog.read(name, select).flatten(),
             Err(_) => None,
         };
-        async move {
-            if let Some(found) = hit {
-                return Ok(found);
-            }
-            Box::pin(inner.wait_for(name, lookup, select)).await
+        match hit {
+            Some(found) => Answer::Ready(Some(Ok(found))),
+            None => Answer::Waiting(Box::pin(inner.wait_for(name, lookup, select))),
         }
     }
 
@@ -752,7 +773,7 @@ impl Registry {
         let chain = inner.chain(filters);
         inner
             .catalog
-            .with_entry(name, |e| chain.pick(&e.instances.load(), &e.turn).map(f))
+            .read(name, |v, turn| chain.pick(v, turn).map(f))
             .flatten()
     }
 
@@ -961,7 +982,7 @@ impl Inner {
         self: &Arc<Self>,
         name: &str,
         lookup: &Lookup,
-        pick: impl Fn(&NameEntry) -> Option<T>,
+        pick: impl Fn(&Snapshot, &AtomicUsize) -> Option<T>,
     ) -> Result<T> {
         self.check()?;
         protocol::validate_name(name)?;
@@ -977,7 +998,7 @@ impl Inner {
         if lookup.no_wait {
             return self
                 .catalog
-                .with_entry(name, &pick)
+                .read(name, &pick)
                 .flatten()
                 .ok_or_else(not_found);
         }
@@ -986,7 +1007,7 @@ impl Inner {
             let entry = self.catalog.ensure(name);
             let mut changed = pin!(entry.changed.notified());
             changed.as_mut().enable();
-            if let Some(found) = pick(&entry) {
+            if let Some(found) = pick(&entry.instances.load(), &entry.turn) {
                 return Ok(found);
             }
             self.ping(name).await?;
@@ -994,7 +1015,7 @@ impl Inner {
                 changed.as_mut().await;
                 changed.set(entry.changed.notified());
                 changed.as_mut().enable();
-                if let Some(found) = pick(&entry) {
+                if let Some(found) = pick(&entry.instances.load(), &entry.turn) {
                     return Ok(found);
                 }
             }

@@ -1,16 +1,24 @@
 //! What is registered ([`Service`]) and what a lookup finds ([`Instance`]).
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use compact_str::CompactString;
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde::ser::{Serialize, SerializeMap, Serializer};
+
 /// A service instance as its owner describes it.
 ///
 /// An instance is identified by `name` + `address`: registering the same pair
 /// again refreshes it.
+///
+/// The text fields are [`CompactString`]s: strings of up to 24 bytes (names,
+/// addresses, most URLs) live inline, so a cached instance is one allocation
+/// instead of a dozen. They compare with `&str` and `String` and deref to
+/// `str`.
 ///
 /// ```
 /// use pubsub_registry::Service;
@@ -20,29 +28,30 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 ///     .with_version("1.4.2")
 ///     .with_kv("zone", "eu-1");
 /// assert_eq!(svc.kv["zone"], "eu-1");
+/// assert_eq!(svc.address, "10.0.0.7:8080");
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Service {
     /// Network: `tcp`, `tcp6`, `unix`, ... (free text).
-    pub network: String,
+    pub network: CompactString,
     /// The address the instance listens on, `host:port`.
-    pub address: String,
+    pub address: CompactString,
     /// Base URL to reach the instance.
-    pub url: String,
+    pub url: CompactString,
     /// Service name; see [`validate_name`](crate::protocol::validate_name).
-    pub name: String,
+    pub name: CompactString,
     /// Version, semver by convention.
-    pub version: String,
+    pub version: CompactString,
     /// Host name of the machine it runs on; filled in with the registry's
     /// host name on register when left empty.
-    pub host: String,
+    pub host: CompactString,
     /// Free metadata.
-    pub kv: BTreeMap<String, String>,
+    pub kv: Kv,
 }
 
 impl Service {
     /// A service with a name and the address it listens on (network `tcp`).
-    pub fn new(name: impl Into<String>, address: impl Into<String>) -> Self {
+    pub fn new(name: impl Into<CompactString>, address: impl Into<CompactString>) -> Self {
         Service {
             network: "tcp".into(),
             address: address.into(),
@@ -52,32 +61,36 @@ impl Service {
     }
 
     /// Sets the base URL.
-    pub fn with_url(mut self, url: impl Into<String>) -> Self {
+    pub fn with_url(mut self, url: impl Into<CompactString>) -> Self {
         self.url = url.into();
         self
     }
 
     /// Sets the version.
-    pub fn with_version(mut self, version: impl Into<String>) -> Self {
+    pub fn with_version(mut self, version: impl Into<CompactString>) -> Self {
         self.version = version.into();
         self
     }
 
     /// Sets the network (`tcp`, `tcp6`, `unix`, ...).
-    pub fn with_network(mut self, network: impl Into<String>) -> Self {
+    pub fn with_network(mut self, network: impl Into<CompactString>) -> Self {
         self.network = network.into();
         self
     }
 
     /// Sets the host name.
-    pub fn with_host(mut self, host: impl Into<String>) -> Self {
+    pub fn with_host(mut self, host: impl Into<CompactString>) -> Self {
         self.host = host.into();
         self
     }
 
     /// Adds one metadata entry.
-    pub fn with_kv(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.kv.insert(key.into(), value.into());
+    pub fn with_kv(
+        mut self,
+        key: impl Into<CompactString>,
+        value: impl Into<CompactString>,
+    ) -> Self {
+        self.kv.insert(key, value);
         self
     }
 
@@ -91,6 +104,185 @@ impl Service {
     pub fn port(&self) -> Option<u16> {
         let (_, port) = self.address.rsplit_once(':')?;
         port.parse().ok()
+    }
+}
+
+/// A service's metadata: string keys to string values, kept sorted by key.
+///
+/// A small sorted vector rather than a tree map: services carry a handful of
+/// entries, and a cached instance should not pay for a tree node it never
+/// fills (a `BTreeMap` node is about 560 bytes even for one entry).
+///
+/// ```
+/// use pubsub_registry::service::Kv;
+///
+/// let mut kv = Kv::new();
+/// kv.insert("zone", "eu-1");
+/// kv.insert("tags", "http,v2");
+/// assert_eq!(kv.get("zone"), Some("eu-1"));
+/// assert_eq!(kv["tags"], "http,v2");
+/// let keys: Vec<&str> = kv.keys().collect();
+/// assert_eq!(keys, ["tags", "zone"]);
+/// ```
+#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Kv(Vec<(CompactString, CompactString)>);
+
+impl Kv {
+    /// No entries.
+    pub fn new() -> Self {
+        Kv(Vec::new())
+    }
+
+    fn position(&self, key: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.as_str().cmp(key))
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.position(key).ok().map(|i| self.0[i].1.as_str())
+    }
+
+    /// Whether `key` has a value.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.position(key).is_ok()
+    }
+
+    /// Sets `key` to `value`; returns the value it replaces.
+    pub fn insert(
+        &mut self,
+        key: impl Into<CompactString>,
+        value: impl Into<CompactString>,
+    ) -> Option<CompactString> {
+        let (key, value) = (key.into(), value.into());
+        match self.position(&key) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
+            Err(i) => {
+                self.0.insert(i, (key, value));
+                None
+            }
+        }
+    }
+
+    /// Removes `key`; returns its value.
+    pub fn remove(&mut self, key: &str) -> Option<CompactString> {
+        self.position(key).ok().map(|i| self.0.remove(i).1)
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The entries, sorted by key.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &str)> + Clone {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// The keys, sorted.
+    pub fn keys(&self) -> impl ExactSizeIterator<Item = &str> + Clone {
+        self.0.iter().map(|(k, _)| k.as_str())
+    }
+}
+
+/// Panics when the key is missing, like a map's index.
+impl std::ops::Index<&str> for Kv {
+    type Output = CompactString;
+
+    fn index(&self, key: &str) -> &CompactString {
+        match self.position(key) {
+            Ok(i) => &self.0[i].1,
+            Err(_) => panic!("no kv entry {key:?}"),
+        }
+    }
+}
+
+/// The last of duplicate keys wins, as when decoding a JSON object.
+impl<K: Into<CompactString>, V: Into<CompactString>> FromIterator<(K, V)> for Kv {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let mut entries: Vec<(CompactString, CompactString)> = iter
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        // A stable sort keeps duplicates in arrival order; keep the last.
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut kv: Vec<(CompactString, CompactString)> = Vec::with_capacity(entries.len());
+        for e in entries {
+            match kv.last_mut() {
+                Some(last) if last.0 == e.0 => *last = e,
+                _ => kv.push(e),
+            }
+        }
+        Kv(kv)
+    }
+}
+
+impl<K: Into<CompactString>, V: Into<CompactString>, const N: usize> From<[(K, V); N]> for Kv {
+    fn from(entries: [(K, V); N]) -> Self {
+        entries.into_iter().collect()
+    }
+}
+
+impl<K: Into<CompactString>, V: Into<CompactString>> Extend<(K, V)> for Kv {
+    fn extend<I: IntoIterator<Item = (K, V)>>(&mut self, iter: I) {
+        for (k, v) in iter {
+            self.insert(k, v);
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Kv {
+    type Item = (&'a str, &'a str);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (CompactString, CompactString)>,
+        fn(&'a (CompactString, CompactString)) -> (&'a str, &'a str),
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+impl fmt::Debug for Kv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+/// A JSON object of strings.
+impl Serialize for Kv {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.len()))?;
+        for (k, v) in self {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Kv {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Kv;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of strings")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Kv, A::Error> {
+                // Collected then sorted once: inserting one by one would be
+                // quadratic in a hostile payload's thousands of keys.
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(16));
+                while let Some(entry) = map.next_entry::<CompactString, CompactString>()? {
+                    entries.push(entry);
+                }
+                Ok(entries.into_iter().collect())
+            }
+        }
+        d.deserialize_map(V)
     }
 }
 
@@ -252,5 +444,40 @@ impl<'a> IntoIterator for &'a Instances {
 impl From<Vec<Arc<Instance>>> for Instances {
     fn from(v: Vec<Arc<Instance>>) -> Self {
         Instances(Arc::new(v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_keeps_keys_sorted_and_the_last_duplicate() {
+        let kv: Kv = [("b", "1"), ("a", "2"), ("b", "3")].into();
+        assert_eq!(kv.iter().collect::<Vec<_>>(), [("a", "2"), ("b", "3")]);
+        let mut kv = kv;
+        assert_eq!(kv.insert("a", "4").as_deref(), Some("2"));
+        assert_eq!(kv.insert("c", "5"), None);
+        assert_eq!(kv.keys().collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert_eq!(kv.remove("b").as_deref(), Some("3"));
+        assert!(!kv.contains_key("b") && kv.len() == 2);
+        assert_eq!(format!("{kv:?}"), r#"{"a": "4", "c": "5"}"#);
+    }
+
+    #[test]
+    fn kv_is_a_json_object_of_strings() {
+        let kv: Kv = serde_json::from_str(r#"{"z":"1","a":"2","z":"3"}"#).unwrap();
+        assert_eq!(kv.iter().collect::<Vec<_>>(), [("a", "2"), ("z", "3")]);
+        assert_eq!(serde_json::to_string(&kv).unwrap(), r#"{"a":"2","z":"3"}"#);
+        assert!(serde_json::from_str::<Kv>(r#"{"a":1}"#).is_err());
+        assert!(serde_json::from_str::<Kv>(r#"["a"]"#).is_err());
+    }
+
+    #[test]
+    fn short_fields_are_stored_inline() {
+        let svc = Service::new("billing", "10.0.0.7:8080").with_url("http://10.0.0.7:8080/");
+        assert!(!svc.name.is_heap_allocated());
+        assert!(!svc.address.is_heap_allocated());
+        assert!(!svc.url.is_heap_allocated());
     }
 }

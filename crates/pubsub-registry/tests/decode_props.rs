@@ -32,13 +32,13 @@ fn service() -> impl Strategy<Value = Service> {
                 _,
                 BTreeMap<String, String>,
             )| Service {
-                network,
-                address,
-                url,
-                name,
-                version,
-                host,
-                kv,
+                network: network.into(),
+                address: address.into(),
+                url: url.into(),
+                name: name.into(),
+                version: version.into(),
+                host: host.into(),
+                kv: kv.into_iter().collect(),
             },
         )
 }

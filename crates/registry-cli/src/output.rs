@@ -6,7 +6,7 @@ use std::io::{self, IsTerminal, Write};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use pubsub_registry::{Event, EventKind, Instance, Status};
+use pubsub_registry::{Event, EventKind, Instance, Kv, Status};
 use serde::Serialize;
 
 /// One instance as `--json` prints it.
@@ -19,7 +19,7 @@ pub struct InstanceJson<'a> {
     host: &'a str,
     version: &'a str,
     status: &'static str,
-    kv: &'a BTreeMap<String, String>,
+    kv: &'a Kv,
     /// RFC 3339, UTC, milliseconds.
     last_heard: String,
     /// The instance's announced register interval.
@@ -82,10 +82,10 @@ pub fn table(instances: &[Arc<Instance>], colours: bool) -> String {
             let s = &i.service;
             (
                 [
-                    s.name.clone(),
-                    s.address.clone(),
-                    s.host.clone(),
-                    s.version.clone(),
+                    s.name.to_string(),
+                    s.address.to_string(),
+                    s.host.to_string(),
+                    s.version.to_string(),
                     i.status.to_string(),
                     ago(now, i.last_heard()),
                 ],
