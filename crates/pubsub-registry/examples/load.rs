@@ -2,7 +2,8 @@
 //!
 //!     cargo run --release -p pubsub-registry --example load -- [SCENARIO] [--count N] [--url URL]
 //!
-//! Scenarios (all by default): `propagation`, `cold`, `ingest`, `memory`,
+//! Scenarios (all by default): `propagation` (ending with `observer-burst`,
+//! also available alone), `cold`, `ingest`, `memory`,
 //! `idle`, `heartbeat`; `redis` (with `--features redis`) measures
 //! propagation over Redis. Without `--url` a private `nats-server` is started
 //! on a free loopback port. Every figure is printed next to the raw
@@ -90,6 +91,7 @@ async fn main() -> Result<(), Error> {
         match s.as_str() {
             "propagation" => propagation(&url, args.count.unwrap_or(2000)).await?,
             "cold" => cold(&url, args.count.unwrap_or(1000)).await?,
+            "observer-burst" => observer_burst(&url, args.count.unwrap_or(2000)).await?,
             "ingest" => {
                 for n in [1_000, 10_000, args.count.unwrap_or(100_000)] {
                     ingest(&url, n).await?;
@@ -156,16 +158,23 @@ async fn propagation(url: &str, n: usize) -> Result<(), Error> {
         let mut raw = Vec::with_capacity(n);
         let mut sent = Vec::with_capacity(n);
         if burst {
-            // Latency of each message: its arrival minus its own send time.
+            // Latency of each message: its arrival, timestamped by a reader
+            // task of its own, minus its own send time.
+            let reader = tokio::spawn(async move {
+                let mut at = Vec::with_capacity(n);
+                while at.len() < n {
+                    sub.next().await.ok_or("raw subscription ended")?;
+                    at.push(Instant::now());
+                }
+                Ok::<_, Error>(at)
+            });
             for _ in 0..n {
                 sent.push(Instant::now());
                 publisher.publish("raw.prop", payload.clone()).await?;
             }
             publisher.flush().await?;
-            for s in &sent {
-                sub.next().await.ok_or("raw subscription ended")?;
-                raw.push(s.elapsed());
-            }
+            let arrived = reader.await??;
+            raw.extend(arrived.iter().zip(&sent).map(|(a, s)| *a - *s));
         } else {
             for _ in 0..n {
                 let s = Instant::now();
@@ -178,6 +187,87 @@ async fn propagation(url: &str, n: usize) -> Result<(), Error> {
         let mut ours = registry_propagation(|| Registry::builder().nats_url(url), n, burst).await?;
         report(&format!("propagation {mode}"), &mut ours, &mut raw);
     }
+    observer_burst(url, n).await
+}
+
+/// The observer side of a burst alone: one raw connection publishes `n`
+/// announcements at once, as fast as it can, to a raw subscriber and then to
+/// a registry observer. Each arrival is timestamped as it is read, by a task
+/// of its own (the publisher does not read), so the figure is the latency of
+/// delivery (raw) against delivery, decoding, caching and the event (ours),
+/// for the same sender and sending rate.
+async fn observer_burst(url: &str, n: usize) -> Result<(), Error> {
+    let publisher = async_nats::connect(url).await?;
+    let name = "prop-observer";
+    let payloads: Vec<Bytes> = (0..n)
+        .map(|i| {
+            Bytes::from(pubsub_registry::protocol::encode_announcement(
+                &Service::new(name, format!("10.1.{}.{}:80", i / 256, i % 256)),
+                pubsub_registry::Status::Passing,
+                std::time::SystemTime::now(),
+                Duration::from_secs(20),
+            ))
+        })
+        .collect();
+    // Sends `payloads` on `subject` in one go; returns each one's send time.
+    let send = |subject: String| {
+        let (publisher, payloads) = (publisher.clone(), payloads.clone());
+        async move {
+            let mut sent = Vec::with_capacity(payloads.len());
+            for p in payloads {
+                sent.push(Instant::now());
+                publisher.publish(subject.clone(), p).await?;
+            }
+            publisher.flush().await?;
+            Ok::<_, Error>(sent)
+        }
+    };
+
+    let subscriber = async_nats::connect(url).await?;
+    let mut sub = subscriber.subscribe("raw.observer").await?;
+    settled(&subscriber).await;
+    let reader = tokio::spawn(async move {
+        let mut at = Vec::with_capacity(n);
+        while at.len() < n {
+            sub.next().await.ok_or("raw subscription ended")?;
+            at.push(Instant::now());
+        }
+        Ok::<_, Error>(at)
+    });
+    let sent = send("raw.observer".to_string()).await?;
+    let arrived = reader.await??;
+    let mut raw: Vec<Duration> = arrived.iter().zip(&sent).map(|(a, s)| *a - *s).collect();
+
+    let observer = Registry::builder()
+        .nats_url(url)
+        .event_capacity(n * 2)
+        .build()
+        .await?;
+    observer.observe(name).await?;
+    let mut events = observer.events_for(name);
+    let reader = tokio::spawn(async move {
+        let mut at = Vec::with_capacity(n);
+        while at.len() < n {
+            let ev = events.next().await.ok_or("events ended")??;
+            at.push((ev.instance.address().to_string(), Instant::now()));
+        }
+        Ok::<_, Error>(at)
+    });
+    let sent = send(format!("registry.register.{name}")).await?;
+    let index: HashMap<String, Instant> = (0..n)
+        .map(|i| (format!("10.1.{}.{}:80", i / 256, i % 256), sent[i]))
+        .collect();
+    let mut ours: Vec<Duration> = reader
+        .await??
+        .into_iter()
+        .map(|(a, t)| t - index[&a])
+        .collect();
+    report(
+        "propagation burst, observer side (same raw sender)",
+        &mut ours,
+        &mut raw,
+    );
+    observer.close().await?;
     Ok(())
 }
 
@@ -199,17 +289,28 @@ async fn registry_propagation(
     let mut ours = Vec::with_capacity(n);
     let address = |i: usize| format!("10.0.{}.{}:80", i / 256, i % 256);
     if burst {
-        let mut sent = HashMap::with_capacity(n);
+        // Each event is timestamped as it arrives, by a reader task of its
+        // own, as for the raw baseline: the sending loop never delays it.
+        let reader = tokio::spawn(async move {
+            let mut at = Vec::with_capacity(n);
+            while at.len() < n {
+                let ev = events.next().await.ok_or("events ended")??;
+                at.push((ev.instance.address().to_string(), Instant::now()));
+            }
+            Ok::<_, Error>(at)
+        });
+        let services: Vec<Service> = (0..n).map(|i| Service::new(name, address(i))).collect();
+        let mut sent = Vec::with_capacity(n);
         let started = Instant::now();
-        for i in 0..n {
-            sent.insert(address(i), Instant::now());
-            server.register(Service::new(name, address(i))).await?;
+        for svc in services {
+            sent.push(Instant::now());
+            server.register(svc).await?;
         }
         let registering = started.elapsed();
-        while ours.len() < n {
-            let ev = events.next().await.ok_or("events ended")??;
-            if let Some(s) = sent.get(ev.instance.address()) {
-                ours.push(s.elapsed());
+        let index: HashMap<String, usize> = (0..n).map(|i| (address(i), i)).collect();
+        for (address, at) in reader.await?? {
+            if let Some(&i) = index.get(&address) {
+                ours.push(at - sent[i]);
             }
         }
         println!(

@@ -255,6 +255,14 @@ pub fn decode(payload: &[u8], subject_name: &str) -> Result<Announcement, Decode
 /// Whether brackets nest deeper than [`MAX_DEPTH`] outside strings. serde_json
 /// skips unknown values without a depth limit, so this is checked first.
 fn too_deep(payload: &[u8]) -> bool {
+    // Fewer opening brackets than the limit, wherever they are, cannot
+    // nest deeper than it: the common case, counted without branching.
+    let opening = payload
+        .iter()
+        .fold(0usize, |n, &b| n + usize::from(b == b'{' || b == b'['));
+    if opening <= MAX_DEPTH {
+        return false;
+    }
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
     for &b in payload {
         if in_string {

@@ -456,8 +456,8 @@ enum Listener {
 
 #[derive(Default)]
 struct Own {
-    services: HashMap<Key, Registered>,
-    pings: HashMap<String, Pinged>,
+    services: HashMap<Key, Registered, foldhash::fast::RandomState>,
+    pings: HashMap<String, Pinged, foldhash::fast::RandomState>,
     /// The "ping all" listener, from the first registration on.
     ping_all: Option<AbortHandle>,
 }
@@ -472,6 +472,9 @@ struct Pinged {
     listener: AbortHandle,
     last_answer: Option<Instant>,
     answer_pending: bool,
+    /// The services registered here under this name: a ping reads these,
+    /// however many other names are registered here.
+    keys: Vec<Key>,
 }
 
 #[derive(Default)]
@@ -569,6 +572,9 @@ impl Registry {
                         key.clone(),
                         inner.opts.register_interval,
                     ));
+                    if let Some(p) = own.pings.get_mut(key.0.as_str()) {
+                        p.keys.push(key.clone());
+                    }
                     own.services.insert(
                         key,
                         Registered {
@@ -603,6 +609,9 @@ impl Registry {
         let removed = {
             let mut own = lock(&inner.own);
             let removed = own.services.remove(&key);
+            if let Some(p) = own.pings.get_mut(key.0.as_str()) {
+                p.keys.retain(|k| *k != key);
+            }
             if removed.is_some() && !own.services.keys().any(|(n, _)| *n == service.name) {
                 if let Some(p) = own.pings.remove(service.name.as_str()) {
                     p.listener.abort();
@@ -1069,6 +1078,7 @@ impl Inner {
                 listener,
                 last_answer: None,
                 answer_pending: false,
+                keys: Vec::new(),
             },
         );
         drop(serial);
@@ -1257,7 +1267,15 @@ impl Inner {
     /// Announces every instance of `name` registered here.
     async fn answer(&self, name: &str) {
         self.counters.pings_answered.fetch_add(1, Ordering::Relaxed);
-        for (service, status) in self.registered(|n| n == name) {
+        let services: Vec<(Service, Status)> = {
+            let own = lock(&self.own);
+            let keys = own.pings.get(name).map_or(&[][..], |p| &p.keys[..]);
+            keys.iter()
+                .filter_map(|k| own.services.get(k))
+                .map(|r| (r.service.clone(), r.status))
+                .collect()
+        };
+        for (service, status) in services {
             if let Err(e) = self.announce(&service, status).await {
                 tracing::warn!(error = %e, name, "cannot answer ping");
             }
