@@ -682,10 +682,19 @@ mod redis {
             let mut publisher = client.get_multiplexed_async_connection().await?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe("raw.prop").await?;
-            let mut messages = pubsub.on_message();
+            let mut messages = pubsub.into_on_message();
             let payload = vec![b'x'; 200];
             let mut raw = Vec::with_capacity(n);
             if burst {
+                // Arrivals timestamped by a reader task of their own.
+                let reader = tokio::spawn(async move {
+                    let mut at = Vec::with_capacity(n);
+                    while at.len() < n {
+                        messages.next().await.ok_or("ended")?;
+                        at.push(Instant::now());
+                    }
+                    Ok::<_, Error>(at)
+                });
                 let mut sent = Vec::with_capacity(n);
                 for _ in 0..n {
                     sent.push(Instant::now());
@@ -695,10 +704,8 @@ mod redis {
                         .query_async(&mut publisher)
                         .await?;
                 }
-                for s in &sent {
-                    messages.next().await.ok_or("ended")?;
-                    raw.push(s.elapsed());
-                }
+                let arrived = reader.await??;
+                raw.extend(arrived.iter().zip(&sent).map(|(a, s)| *a - *s));
             } else {
                 for _ in 0..n {
                     let s = Instant::now();
@@ -710,8 +717,8 @@ mod redis {
                     messages.next().await.ok_or("ended")?;
                     raw.push(s.elapsed());
                 }
+                drop(messages);
             }
-            drop(messages);
 
             let mut ours =
                 registry_propagation(|| Registry::builder().redis_url(&url), n, burst).await?;
