@@ -160,14 +160,7 @@ async fn propagation(url: &str, n: usize) -> Result<(), Error> {
         if burst {
             // Latency of each message: its arrival, timestamped by a reader
             // task of its own, minus its own send time.
-            let reader = tokio::spawn(async move {
-                let mut at = Vec::with_capacity(n);
-                while at.len() < n {
-                    sub.next().await.ok_or("raw subscription ended")?;
-                    at.push(Instant::now());
-                }
-                Ok::<_, Error>(at)
-            });
+            let reader = arrivals(sub, n);
             for _ in 0..n {
                 sent.push(Instant::now());
                 publisher.publish("raw.prop", payload.clone()).await?;
@@ -224,16 +217,9 @@ async fn observer_burst(url: &str, n: usize) -> Result<(), Error> {
     };
 
     let subscriber = async_nats::connect(url).await?;
-    let mut sub = subscriber.subscribe("raw.observer").await?;
+    let sub = subscriber.subscribe("raw.observer").await?;
     settled(&subscriber).await;
-    let reader = tokio::spawn(async move {
-        let mut at = Vec::with_capacity(n);
-        while at.len() < n {
-            sub.next().await.ok_or("raw subscription ended")?;
-            at.push(Instant::now());
-        }
-        Ok::<_, Error>(at)
-    });
+    let reader = arrivals(sub, n);
     let sent = send("raw.observer".to_string()).await?;
     let arrived = reader.await??;
     let mut raw: Vec<Duration> = arrived.iter().zip(&sent).map(|(a, s)| *a - *s).collect();
@@ -519,6 +505,22 @@ async fn observer_process(url: &str, n: usize, what: &str) -> Result<(), Error> 
     Ok(())
 }
 
+/// Reads `n` items of `stream` in a task of its own, timestamping each as it
+/// arrives: a sending loop elsewhere never delays the reading.
+fn arrivals<S>(mut stream: S, n: usize) -> tokio::task::JoinHandle<Result<Vec<Instant>, Error>>
+where
+    S: futures_util::Stream + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut at = Vec::with_capacity(n);
+        while at.len() < n {
+            stream.next().await.ok_or("stream ended")?;
+            at.push(Instant::now());
+        }
+        Ok(at)
+    })
+}
+
 /// A publisher with `n` registered instances and a 5 s interval: how its
 /// heartbeats spread over the interval (messages per 100 ms on the broker)
 /// and what they cost it in CPU.
@@ -687,14 +689,7 @@ mod redis {
             let mut raw = Vec::with_capacity(n);
             if burst {
                 // Arrivals timestamped by a reader task of their own.
-                let reader = tokio::spawn(async move {
-                    let mut at = Vec::with_capacity(n);
-                    while at.len() < n {
-                        messages.next().await.ok_or("ended")?;
-                        at.push(Instant::now());
-                    }
-                    Ok::<_, Error>(at)
-                });
+                let reader = arrivals(messages, n);
                 let mut sent = Vec::with_capacity(n);
                 for _ in 0..n {
                     sent.push(Instant::now());
