@@ -232,10 +232,28 @@ pub fn decode(payload: &[u8], subject_name: &str) -> Result<Announcement, Decode
     if payload.len() > MAX_PAYLOAD {
         return Err(DecodeError::TooLarge(payload.len()));
     }
+    // Nearly every payload has the plain shape, read by hand in a fraction
+    // of serde's time; anything else, valid or not, goes through serde, so
+    // what is accepted and every error stay those of the serde path.
+    let a = match decode_plain(payload) {
+        Some(a) => a,
+        None => decode_serde(payload)?,
+    };
+    belongs(&a, subject_name)?;
+    Ok(a)
+}
+
+/// The general path: any JSON, with serde's errors.
+fn decode_serde(payload: &[u8]) -> Result<Announcement, DecodeError> {
     if too_deep(payload) {
         return Err(DecodeError::TooDeep);
     }
     let Wire(a) = serde_json::from_slice(payload)?;
+    Ok(a)
+}
+
+/// Checks a decoded announcement names a valid instance of `subject_name`.
+fn belongs(a: &Announcement, subject_name: &str) -> Result<(), DecodeError> {
     if a.service.name.is_empty() {
         return Err(DecodeError::MissingName);
     }
@@ -249,7 +267,7 @@ pub fn decode(payload: &[u8], subject_name: &str) -> Result<Announcement, Decode
             payload: a.service.name.chars().take(80).collect(),
         });
     }
-    Ok(a)
+    Ok(())
 }
 
 /// Whether brackets nest deeper than [`MAX_DEPTH`] outside strings. serde_json
@@ -287,6 +305,178 @@ fn too_deep(payload: &[u8]) -> bool {
         }
     }
     false
+}
+
+/// Reads the plain shape every implementation sends, without serde: an object
+/// of known keys (in any case, each at most once) whose values are strings
+/// without escapes; `kv` an object of such strings; `t` an object of
+/// `Registered` and `Duration` as non-negative integers; whitespace between
+/// tokens.
+///
+/// `None` for anything else, valid JSON or not (escapes, `null`, numbers
+/// where strings go, unknown or repeated keys, negative numbers, ...): the
+/// caller then decodes with serde, so this only has to agree with serde on
+/// what it accepts. The payload is at most two levels deep, so the nesting
+/// check has nothing to say about it.
+fn decode_plain(payload: &[u8]) -> Option<Announcement> {
+    // Validated once, so every string read is a slice of it: the slices are
+    // cut at quotes, which are ASCII and so always on character boundaries.
+    let text = std::str::from_utf8(payload).ok()?;
+    let mut p = Plain { text, at: 0 };
+    let mut a = Announcement::default();
+    let mut seen = [false; KEYS.len()];
+    p.object(|p, key| {
+        let i = key_index(key)?;
+        // Repeated keys (in any case) never come from a real sender: left to
+        // serde, so the rules for them live in one place.
+        if std::mem::replace(&mut seen[i], true) {
+            return None;
+        }
+        let s = &mut a.service;
+        match KEYS[i] {
+            "net" => s.network = p.string()?.into(),
+            "add" => s.address = p.string()?.into(),
+            "url" => s.url = p.string()?.into(),
+            "name" => s.name = p.string()?.into(),
+            "v" => s.version = p.string()?.into(),
+            "h" => s.host = p.string()?.into(),
+            "kv" => s.kv = p.kv()?,
+            "t" => (a.registered_ms, a.duration_ms) = p.time()?,
+            // Unknown statuses are passing, as in `WireVisitor`.
+            "status" => a.status = p.string()?.parse().unwrap_or_default(),
+            // `registered` and `duration` are only known inside `t`: serde
+            // skips them here, whatever their value.
+            _ => return None,
+        }
+        Some(())
+    })?;
+    p.end()?;
+    Some(a)
+}
+
+/// Most `kv` entries [`decode_plain`] takes: it inserts them one by one,
+/// which would be quadratic in a hostile payload's thousands of keys.
+const MAX_PLAIN_KV: usize = 32;
+
+/// A cursor over valid UTF-8 JSON for [`decode_plain`]. Every method returns
+/// `None` on anything outside the plain shape; none can panic.
+struct Plain<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Plain<'a> {
+    /// The next byte after JSON whitespace (the four serde_json skips),
+    /// without taking it; `None` at the end.
+    fn peek(&mut self) -> Option<u8> {
+        let bytes = self.text.as_bytes();
+        while let Some(&b) = bytes.get(self.at) {
+            if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+                return Some(b);
+            }
+            self.at += 1;
+        }
+        None
+    }
+
+    /// Takes `byte`, after whitespace.
+    fn eat(&mut self, byte: u8) -> Option<()> {
+        (self.peek()? == byte).then(|| self.at += 1)
+    }
+
+    /// Whether only whitespace is left, as serde_json requires.
+    fn end(&mut self) -> Option<()> {
+        self.peek().is_none().then_some(())
+    }
+
+    /// A string without escapes or control characters (which serde_json
+    /// rejects raw): its text is the bytes between the quotes.
+    fn string(&mut self) -> Option<&'a str> {
+        self.eat(b'"')?;
+        let start = self.at;
+        let rest = self.text.as_bytes().get(start..)?;
+        let len = rest
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+        if rest.get(len) != Some(&b'"') {
+            return None;
+        }
+        self.at = start + len + 1;
+        self.text.get(start..start + len)
+    }
+
+    /// A non-negative integer that fits an `i64`, in serde_json's syntax (no
+    /// leading zero). A fraction or exponent after it is left unread, so the
+    /// object around fails on it.
+    fn int(&mut self) -> Option<i64> {
+        let first = self.peek()?;
+        let start = self.at;
+        let mut n: i64 = 0;
+        while let Some(&b @ b'0'..=b'9') = self.text.as_bytes().get(self.at) {
+            n = n.checked_mul(10)?.checked_add(i64::from(b - b'0'))?;
+            self.at += 1;
+        }
+        match self.at - start {
+            0 => None,
+            1 => Some(n),
+            _ => (first != b'0').then_some(n),
+        }
+    }
+
+    /// `{`, then `"key": value` pairs separated by commas, each value read
+    /// by `value`, then `}`.
+    fn object(&mut self, mut value: impl FnMut(&mut Self, &'a str) -> Option<()>) -> Option<()> {
+        self.eat(b'{')?;
+        if self.eat(b'}').is_some() {
+            return Some(());
+        }
+        loop {
+            let key = self.string()?;
+            self.eat(b':')?;
+            value(self, key)?;
+            match self.peek()? {
+                b',' => self.at += 1,
+                b'}' => {
+                    self.at += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// `kv`: an object of strings. Repeated keys keep the last value, as
+    /// serde's [`Kv`] does.
+    fn kv(&mut self) -> Option<Kv> {
+        let mut kv = Kv::new();
+        self.object(|p, key| {
+            if kv.len() >= MAX_PLAIN_KV {
+                return None;
+            }
+            kv.insert(key, p.string()?);
+            Some(())
+        })?;
+        Some(kv)
+    }
+
+    /// `t`: (`Registered`, `Duration`), matched as [`TimeSeed`] does, each
+    /// at most once; a missing one is `None`.
+    fn time(&mut self) -> Option<(Option<i64>, Option<i64>)> {
+        let (mut registered, mut duration) = (None, None);
+        self.object(|p, key| {
+            let slot = match key_index(key).map(|i| KEYS[i]) {
+                Some("registered") => &mut registered,
+                Some("duration") => &mut duration,
+                _ => return None,
+            };
+            if slot.is_some() {
+                return None;
+            }
+            *slot = Some(p.int()?);
+            Some(())
+        })?;
+        Some((registered, duration))
+    }
 }
 
 /// Encodes an announcement in the Go shape: short keys, `Registered` and
@@ -432,6 +622,12 @@ const KEYS: [&str; 11] = [
     "duration",
 ];
 
+/// The position in [`KEYS`] of `key`, matched without regard to ASCII case
+/// (by [`Key`] and [`decode_plain`] alike).
+fn key_index(key: &str) -> Option<usize> {
+    KEYS.iter().position(|k| k.eq_ignore_ascii_case(key))
+}
+
 impl<'de> Deserialize<'de> for Key {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -441,8 +637,7 @@ impl<'de> Deserialize<'de> for Key {
                 f.write_str("a key")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
-                let known = KEYS.iter().find(|k| k.eq_ignore_ascii_case(v));
-                Ok(Key(known.copied().unwrap_or("")))
+                Ok(Key(key_index(v).map_or("", |i| KEYS[i])))
             }
         }
         d.deserialize_str(V)
@@ -563,6 +758,456 @@ mod tests {
             r#""x""#,
         ] {
             assert!(decode(bad.as_bytes(), "x").is_err(), "{bad} accepted");
+        }
+    }
+
+    /// [`decode`] without the plain path: what it must always agree with.
+    fn decode_serde_only(payload: &[u8], subject_name: &str) -> Result<Announcement, DecodeError> {
+        if payload.len() > MAX_PAYLOAD {
+            return Err(DecodeError::TooLarge(payload.len()));
+        }
+        let a = decode_serde(payload)?;
+        belongs(&a, subject_name)?;
+        Ok(a)
+    }
+
+    const GO_VECTOR: &[u8] = br#"{"net":"tcp","add":"127.0.0.1:8081","url":"http://127.0.0.1:8081/api","name":"wiredemo","v":"1.2.3","h":"vm","kv":{"zone":"a"},"t":{"Registered":1795535104541,"Duration":20000}}"#;
+
+    /// Whatever the plain path makes of `payload` is what serde makes of it,
+    /// and `decode` answers as the serde path alone does, errors included.
+    fn agree(payload: &[u8]) -> Result<(), String> {
+        if let Some(plain) = decode_plain(payload) {
+            match decode_serde(payload) {
+                Ok(serde) if serde == plain => {}
+                other => return Err(format!("plain {plain:?}, serde {other:?}")),
+            }
+        }
+        let (with, without) = (
+            decode(payload, "wiredemo"),
+            decode_serde_only(payload, "wiredemo"),
+        );
+        // `DecodeError` has no `PartialEq` (serde_json's error has none).
+        let (with, without) = (format!("{with:?}"), format!("{without:?}"));
+        if with != without {
+            return Err(format!("decode {with}, serde only {without}"));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_go_vector_takes_the_plain_path() {
+        let plain = decode_plain(GO_VECTOR).expect("plain path");
+        assert_eq!(plain, decode_serde(GO_VECTOR).unwrap());
+        assert_eq!(plain.service.url, "http://127.0.0.1:8081/api");
+        assert_eq!(plain.service.kv["zone"], "a");
+        assert_eq!(plain.registered_ms, Some(1795535104541));
+        assert_eq!(plain.duration_ms, Some(20000));
+        assert_eq!(decode(GO_VECTOR, "wiredemo").unwrap(), plain);
+        let warning = br#" {"NAME" : "wiredemo",
+            "add":"h:1", "status":"warning", "t":{"registered":0} }
+        "#;
+        let a = decode_plain(warning).expect("plain path");
+        assert_eq!(a.status, Status::Warning);
+        assert_eq!((a.registered_ms, a.duration_ms), (Some(0), None));
+    }
+
+    #[test]
+    fn edge_cases_agree() {
+        let taken = [
+            r#"{}"#,
+            r#"{"name":"wiredemo","add":"h:1","kv":{"a":"1","b":"2","a":"3"}}"#,
+            r#"{"name":"wiredemo","add":"h:1","kv":{}}"#,
+            r#"{"name":"wiredemo","add":"h:1","status":"Warning"}"#,
+            r#"{"name":"wiredemo","add":"h:1","status":"bogus"}"#,
+            r#"{"name":"wiredemo","add":"h:1","t":{}}"#,
+            r#"{"name":"wiredemo","add":"h:1","t":{"duration":9223372036854775807}}"#,
+            "{\"name\":\"wiredemo\",\"add\":\"h\u{7f}é😀\"}",
+            r#"{"name":"other","add":"h:1"}"#,
+            r#"{"name":"a b","add":"h:1"}"#,
+            r#"{"name":"wiredemo","add":""}"#,
+        ];
+        let left_to_serde = [
+            "",
+            " ",
+            "{",
+            "[]",
+            "null",
+            r#"{"name":"wiredemo","add":"h:1",}"#,
+            r#"{"name":"wiredemo","add":"h:1"}x"#,
+            r#"{"name":"wiredemo","add":"h:1"} {}"#,
+            r#"{"name":"wiredemo","NAME":"wiredemo","add":"h:1"}"#,
+            r#"{"name":"wiredemo","add":"h:1","t":null}"#,
+            r#"{"name":"wiredemo","add":"h:1","t":{"Registered":1},"t":null}"#,
+            r#"{"name":"wiredemo","add":"h:1","t":{"Registered":-0}}"#,
+            r#"{"name":"wiredemo","add":"h:1","t":{"Registered":-1}}"#,
+            r#"{"name":"wiredemo","add":"h:1","t":{"Registered":01}}"#,
+            r#"{"name":"wiredemo","add":"h:1","t":{"Registered":1.0}}"#,
+            r#"{"name":"wiredemo","add":"h:1","t":{"Registered":1e3}}"#,
+            r#"{"name":"wiredemo","add":"h:1","t":{"Registered":9223372036854775808}}"#,
+            r#"{"name":"wiredemo","add":"h:1","t":{"Registered":1,"registered":2}}"#,
+            r#"{"name":"wiredemo","add":"h:1","t":{"Registered":"1"}}"#,
+            r#"{"name":"wiredemo","add":"h:1","t":{"name":"x"}}"#,
+            r#"{"name":"wiredemo","add":"h:1","registered":5}"#,
+            r#"{"name":"wiredemo","add":"h:1","extra":"x"}"#,
+            r#"{"name":"wiredemo","add":"h:1","kv":{"a":null}}"#,
+            r#"{"name":"wiredemo","add":"h:1","kv":{"a":1}}"#,
+            r#"{"name":"wiredemo","add":"h:1","status":null}"#,
+            r#"{"n\u0061me":"wiredemo","add":"h:1"}"#,
+            r#"{"name":"wiredemo","add":"h\"1"}"#,
+            "{\"name\":\"wiredemo\",\"add\":\"h\t1\"}",
+            "{\"name\":\"wiredemo\",\u{a0}\"add\":\"h:1\"}",
+        ];
+        for payload in taken {
+            assert!(decode_plain(payload.as_bytes()).is_some(), "{payload}");
+            agree(payload.as_bytes()).unwrap_or_else(|e| panic!("{payload}: {e}"));
+        }
+        for payload in left_to_serde {
+            assert!(decode_plain(payload.as_bytes()).is_none(), "{payload}");
+            agree(payload.as_bytes()).unwrap_or_else(|e| panic!("{payload}: {e}"));
+        }
+        let kv = |n: usize| {
+            let entries: Vec<String> = (0..n).map(|i| format!(r#""k{i}":"v""#)).collect();
+            format!(
+                r#"{{"name":"wiredemo","add":"h:1","kv":{{{}}}}}"#,
+                entries.join(",")
+            )
+        };
+        assert!(decode_plain(kv(MAX_PLAIN_KV).as_bytes()).is_some());
+        assert!(decode_plain(kv(MAX_PLAIN_KV + 1).as_bytes()).is_none());
+        agree(kv(MAX_PLAIN_KV).as_bytes()).unwrap();
+        agree(kv(MAX_PLAIN_KV + 1).as_bytes()).unwrap();
+        let invalid_utf8 = b"{\"name\":\"wiredemo\",\"add\":\"h\xff\"}";
+        assert!(decode_plain(invalid_utf8).is_none());
+        agree(invalid_utf8).unwrap();
+    }
+
+    mod generated {
+        use super::*;
+        use proptest::prelude::*;
+        use proptest::sample::{select, Index};
+
+        /// A JSON value to render: a literal (string, number, `null`, ...)
+        /// or an object whose keys are literals too (so they may be escaped).
+        #[derive(Clone, Debug)]
+        enum J {
+            Lit(String),
+            Obj(Vec<(String, J)>),
+        }
+
+        fn lit(s: &str) -> J {
+            J::Lit(s.to_string())
+        }
+
+        fn quoted(s: &str) -> String {
+            serde_json::to_string(s).unwrap()
+        }
+
+        /// Renders `j`, taking whitespace from `ws` between every token.
+        fn render(j: &J, out: &mut String, ws: &mut dyn FnMut() -> &'static str) {
+            match j {
+                J::Lit(s) => out.push_str(s),
+                J::Obj(entries) => {
+                    out.push('{');
+                    for (i, (k, v)) in entries.iter().enumerate() {
+                        if i > 0 {
+                            out.push_str(ws());
+                            out.push(',');
+                        }
+                        out.push_str(ws());
+                        out.push_str(k);
+                        out.push_str(ws());
+                        out.push(':');
+                        out.push_str(ws());
+                        render(v, out, ws);
+                    }
+                    out.push_str(ws());
+                    out.push('}');
+                }
+            }
+        }
+
+        /// Text of every kind: plain, empty, unicode, and characters that
+        /// must be escaped.
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                12 => "[a-z0-9.:/-]{1,30}",
+                1 => Just(String::new()),
+                1 => "\\PC{0,12}",
+                1 => any::<String>(),
+                1 => "[\"\\\\\\x00-\\x1f\\x7f éa😀]{0,6}",
+            ]
+        }
+
+        /// `key` quoted in a random case, sometimes with a needless escape.
+        fn spelled(key: &'static str) -> impl Strategy<Value = String> {
+            (any::<u64>(), prop::bool::weighted(0.05)).prop_map(move |(case, escape)| {
+                let mut k: String = key
+                    .chars()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        if case >> (i % 64) & 1 == 1 {
+                            c.to_ascii_uppercase()
+                        } else {
+                            c
+                        }
+                    })
+                    .collect();
+                if escape {
+                    let first = k.remove(0);
+                    return format!("\"\\u{:04x}{k}\"", first as u32);
+                }
+                quoted(&k)
+            })
+        }
+
+        fn number() -> impl Strategy<Value = J> {
+            prop_oneof![
+                4 => (0..=i64::MAX).prop_map(|n| J::Lit(n.to_string())),
+                1 => any::<i64>().prop_map(|n| J::Lit(n.to_string())),
+                1 => any::<u64>().prop_map(|n| J::Lit(n.to_string())),
+                1 => select(vec!["-0", "0", "01", "1.5", "1e3", "-", "18446744073709551616", "null", "\"5\"", "true"]).prop_map(lit),
+            ]
+        }
+
+        fn string_value() -> impl Strategy<Value = J> {
+            prop_oneof![
+                8 => text().prop_map(|s| J::Lit(quoted(&s))),
+                1 => select(vec!["null", "5", "[]", "{}", "\"\\u0061\"", "true"]).prop_map(lit),
+            ]
+        }
+
+        fn kv_value() -> impl Strategy<Value = J> {
+            let entry = prop_oneof![
+                (text(), text()).prop_map(|(k, v)| (quoted(&k), J::Lit(quoted(&v)))),
+                select(vec!["a", "b"]).prop_map(|k| (quoted(k), lit("\"dup\""))),
+                select(vec!["null", "1", "{}"]).prop_map(|v| (quoted("a"), lit(v))),
+            ];
+            prop_oneof![
+                8 => prop::collection::vec(entry, 0..5).prop_map(J::Obj),
+                1 => select(vec!["null", "\"x\"", "[]"]).prop_map(lit),
+            ]
+        }
+
+        fn time_value() -> impl Strategy<Value = J> {
+            let entry = prop_oneof![
+                4 => (spelled("Registered"), number()),
+                4 => (spelled("Duration"), number()),
+                1 => (spelled("name"), string_value()),
+            ];
+            prop_oneof![
+                8 => prop::collection::vec(entry, 0..4).prop_map(J::Obj),
+                1 => select(vec!["null", "5", "\"x\""]).prop_map(lit),
+            ]
+        }
+
+        fn status_value() -> impl Strategy<Value = J> {
+            prop_oneof![
+                4 => select(vec!["passing", "warning", "critical", "Warning", ""]).prop_map(|s| J::Lit(quoted(s))),
+                1 => string_value(),
+            ]
+        }
+
+        /// Any other value, as an unknown key might carry.
+        fn other_value() -> impl Strategy<Value = J> {
+            prop_oneof![
+                string_value(),
+                number(),
+                select(vec!["{\"deep\":[1,{\"x\":null}]}", "[\"}\"]"]).prop_map(lit),
+            ]
+        }
+
+        /// One entry of any known key or none, with a fitting value mostly.
+        fn entry() -> impl Strategy<Value = (String, J)> {
+            let known = select(KEYS.to_vec()).prop_flat_map(|key| {
+                let value = match key {
+                    "kv" => kv_value().boxed(),
+                    "t" => time_value().boxed(),
+                    "status" => status_value().boxed(),
+                    "registered" | "duration" => number().boxed(),
+                    _ => string_value().boxed(),
+                };
+                (spelled(key), value)
+            });
+            prop_oneof![
+                3 => known,
+                1 => ("[a-z]{0,4}".prop_map(|k| quoted(&k)), other_value()),
+            ]
+        }
+
+        /// An announcement as the Go package writes it (keys in its order,
+        /// empty fields left out, `status` before or after `t`), in any
+        /// key case, with a few entries of any kind slipped in.
+        fn announcement() -> impl Strategy<Value = J> {
+            let fields = prop::collection::vec(text(), 6);
+            let kv = prop::collection::vec((text(), text()), 0..4);
+            let time = (
+                spelled("Registered"),
+                prop::option::of(number()),
+                spelled("Duration"),
+                prop::option::of(number()),
+            );
+            let keys = (
+                spelled("net"),
+                spelled("add"),
+                spelled("url"),
+                spelled("name"),
+                spelled("v"),
+                spelled("h"),
+                spelled("kv"),
+                spelled("t"),
+                spelled("status"),
+            );
+            let extras = prop_oneof![
+                3 => Just(Vec::new()),
+                1 => prop::collection::vec((any::<Index>(), entry()), 1..3),
+            ];
+            (
+                fields,
+                any::<bool>(),
+                kv,
+                prop::option::of(time),
+                prop::option::of(status_value()),
+                any::<bool>(),
+                keys,
+                extras,
+            )
+                .prop_map(
+                    |(fields, subject, kv, time, status, status_first, keys, extras)| {
+                        let (net, add, url, name, v, h, kv_key, t_key, status_key) = keys;
+                        let mut entries = Vec::new();
+                        let names = [net, add, url, name, v, h];
+                        for (i, (key, value)) in names.into_iter().zip(fields).enumerate() {
+                            let value = if i == 3 && subject {
+                                "wiredemo".to_string()
+                            } else {
+                                value
+                            };
+                            if !value.is_empty() {
+                                entries.push((key, J::Lit(quoted(&value))));
+                            }
+                        }
+                        if !kv.is_empty() {
+                            let kv = kv.iter().map(|(k, v)| (quoted(k), J::Lit(quoted(v))));
+                            entries.push((kv_key, J::Obj(kv.collect())));
+                        }
+                        let status = status.map(|s| (status_key, s));
+                        if status_first {
+                            entries.extend(status.clone());
+                        }
+                        if let Some((rk, r, dk, d)) = time {
+                            let t = [r.map(|r| (rk, r)), d.map(|d| (dk, d))];
+                            entries.push((t_key, J::Obj(t.into_iter().flatten().collect())));
+                        }
+                        if !status_first {
+                            entries.extend(status);
+                        }
+                        for (at, entry) in extras {
+                            entries.insert(at.index(entries.len() + 1), entry);
+                        }
+                        J::Obj(entries)
+                    },
+                )
+        }
+
+        /// Mostly nothing, sometimes JSON whitespace.
+        fn ws() -> impl Strategy<Value = &'static str> {
+            prop_oneof![
+                3 => Just(""),
+                1 => select(vec![" ", "\t", "\n", "\r", " \r\n\t "]),
+            ]
+        }
+
+        fn payload() -> impl Strategy<Value = Vec<u8>> {
+            // Now and then some whitespace JSON does not allow.
+            let not_json = prop::option::weighted(
+                0.1,
+                (any::<Index>(), select(vec!["\u{b}", "\u{a0}", "\u{c}"])),
+            );
+            let ws = prop::collection::vec(ws(), 32);
+            (announcement(), ws, not_json).prop_map(|(j, mut ws, not_json)| {
+                if let Some((at, bad)) = not_json {
+                    ws[at.index(32)] = bad;
+                }
+                let mut ws = ws.into_iter().cycle();
+                let mut next = move || ws.next().unwrap_or("");
+                let mut out = String::from(next());
+                render(&j, &mut out, &mut next);
+                out.push_str(next());
+                out.into_bytes()
+            })
+        }
+
+        /// Replaces, deletes or inserts a byte, or cuts the payload short.
+        #[derive(Clone, Debug)]
+        enum Edit {
+            Set(Index, u8),
+            Delete(Index),
+            Insert(Index, u8),
+            Truncate(Index),
+        }
+
+        fn edit() -> impl Strategy<Value = Edit> {
+            let byte = prop_oneof![
+                any::<u8>(),
+                select(b"{}[]\":,\\ \t0-9eE.nul\x00\x80\xc3".to_vec()),
+            ];
+            prop_oneof![
+                (any::<Index>(), byte.clone()).prop_map(|(i, b)| Edit::Set(i, b)),
+                any::<Index>().prop_map(Edit::Delete),
+                (any::<Index>(), byte).prop_map(|(i, b)| Edit::Insert(i, b)),
+                any::<Index>().prop_map(Edit::Truncate),
+            ]
+        }
+
+        fn apply(payload: &mut Vec<u8>, edit: &Edit) {
+            let len = payload.len();
+            match *edit {
+                Edit::Set(ref i, b) if len > 0 => payload[i.index(len)] = b,
+                Edit::Delete(ref i) if len > 0 => {
+                    payload.remove(i.index(len));
+                }
+                Edit::Insert(ref i, b) => payload.insert(i.index(len + 1), b),
+                Edit::Truncate(ref i) => payload.truncate(i.index(len + 1)),
+                _ => {}
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(4096))]
+
+            #[test]
+            fn plain_path_agrees_with_serde(payload in payload()) {
+                if let Err(e) = agree(&payload) {
+                    prop_assert!(false, "{:?}: {}", String::from_utf8_lossy(&payload), e);
+                }
+            }
+
+            #[test]
+            fn plain_path_agrees_on_damaged_payloads(
+                payload in payload(),
+                edits in prop::collection::vec(edit(), 1..4),
+            ) {
+                let mut payload = payload;
+                for edit in &edits {
+                    apply(&mut payload, edit);
+                }
+                if let Err(e) = agree(&payload) {
+                    prop_assert!(false, "{:?}: {}", String::from_utf8_lossy(&payload), e);
+                }
+            }
+
+            #[test]
+            fn plain_path_agrees_on_damaged_go_vectors(
+                edits in prop::collection::vec(edit(), 1..3),
+            ) {
+                let mut payload = GO_VECTOR.to_vec();
+                for edit in &edits {
+                    apply(&mut payload, edit);
+                }
+                if let Err(e) = agree(&payload) {
+                    prop_assert!(false, "{:?}: {}", String::from_utf8_lossy(&payload), e);
+                }
+            }
         }
     }
 }
