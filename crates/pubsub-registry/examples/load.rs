@@ -31,6 +31,7 @@ struct Args {
     count: Option<usize>,
     url: Option<String>,
     role: Option<String>,
+    names: usize,
 }
 
 fn args() -> Args {
@@ -39,6 +40,7 @@ fn args() -> Args {
         count: None,
         url: None,
         role: None,
+        names: 1000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -46,6 +48,7 @@ fn args() -> Args {
             "--count" => a.count = it.next().and_then(|v| v.parse().ok()),
             "--url" => a.url = it.next(),
             "--role" => a.role = it.next(),
+            "--names" => a.names = it.next().and_then(|v| v.parse().ok()).unwrap_or(1000),
             "--bench" => {}
             other if !other.starts_with('-') => a.scenarios.push(other.to_string()),
             other => {
@@ -94,7 +97,7 @@ async fn main() -> Result<(), Error> {
             "observer-burst" => observer_burst(&url, args.count.unwrap_or(2000)).await?,
             "ingest" => {
                 for n in [1_000, 10_000, args.count.unwrap_or(100_000)] {
-                    ingest(&url, n).await?;
+                    ingest(&url, n, args.names).await?;
                 }
             }
             "memory" | "idle" => observer_process(&url, args.count.unwrap_or(100_000), s).await?,
@@ -134,6 +137,18 @@ fn report(what: &str, ours: &mut [Duration], raw: &mut [Duration]) {
     );
 }
 
+/// A raw client whose subscriptions buffer as deep as the registry's
+/// (async-nats drops what does not fit; 65,536 by default).
+async fn raw_client(url: &str) -> Result<async_nats::Client, Error> {
+    Ok(async_nats::ConnectOptions::new()
+        .subscription_capacity(1 << 18)
+        .connect(url)
+        .await?)
+}
+
+/// Longest wait for a burst to arrive before counting what was lost.
+const ARRIVAL_DEADLINE: Duration = Duration::from_secs(30);
+
 async fn nats(url: &str) -> Result<Arc<NatsTransport>, Error> {
     Ok(Arc::new(NatsTransport::connect(url).await?))
 }
@@ -146,7 +161,7 @@ async fn propagation(url: &str, n: usize) -> Result<(), Error> {
         let mode = if burst { "burst" } else { "paced" };
         // Raw: the payload is what an announcement weighs.
         let publisher = async_nats::connect(url).await?;
-        let subscriber = async_nats::connect(url).await?;
+        let subscriber = raw_client(url).await?;
         let mut sub = subscriber.subscribe("raw.prop").await?;
         settled(&subscriber).await;
         let payload = Bytes::from(pubsub_registry::protocol::encode_announcement(
@@ -216,7 +231,7 @@ async fn observer_burst(url: &str, n: usize) -> Result<(), Error> {
         }
     };
 
-    let subscriber = async_nats::connect(url).await?;
+    let subscriber = raw_client(url).await?;
     let sub = subscriber.subscribe("raw.observer").await?;
     settled(&subscriber).await;
     let reader = arrivals(sub, n);
@@ -370,8 +385,8 @@ async fn cold(url: &str, n: usize) -> Result<(), Error> {
 
 /// `n` announcements of distinct instances over 1,000 names, published by 4
 /// connections as fast as they can, into one observer of everything.
-async fn ingest(url: &str, n: usize) -> Result<(), Error> {
-    let payloads = announcements(n);
+async fn ingest(url: &str, n: usize, names: usize) -> Result<(), Error> {
+    let payloads = announcements(n, names);
     let publishers: Vec<async_nats::Client> = {
         let mut v = Vec::new();
         for _ in 0..4 {
@@ -381,13 +396,17 @@ async fn ingest(url: &str, n: usize) -> Result<(), Error> {
     };
 
     // Raw: a subscriber of everything counting what it receives.
-    let subscriber = async_nats::connect(url).await?;
+    let subscriber = raw_client(url).await?;
     let mut sub = subscriber.subscribe("registry.register.>").await?;
     settled(&subscriber).await;
     let start = Instant::now();
     let last_publish = publish_all(&publishers, &payloads).await?;
-    for _ in 0..n {
-        sub.next().await.ok_or("raw subscription ended")?;
+    for got in 0..n {
+        match tokio::time::timeout_at(last_publish + ARRIVAL_DEADLINE, sub.next()).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return Err("raw subscription ended".into()),
+            Err(_) => return Err(format!("raw subscriber: {} of {n} lost", n - got).into()),
+        }
     }
     let raw_done = start.elapsed();
     let raw_after = Instant::now() - last_publish;
@@ -398,12 +417,16 @@ async fn ingest(url: &str, n: usize) -> Result<(), Error> {
     let start = Instant::now();
     let last_publish = publish_all(&publishers, &payloads).await?;
     while observer.stats().instances < n {
+        if Instant::now() > last_publish + ARRIVAL_DEADLINE {
+            let lost = n - observer.stats().instances;
+            return Err(format!("registry: {lost} of {n} instances lost").into());
+        }
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
     let ours_done = start.elapsed();
     let ours_after = Instant::now() - last_publish;
     println!(
-        "ingest {n}: registry all visible {ours_done:?} after the first publish, {ours_after:?} after the last; {:.0} announcements/s, {:.2} us each \
+        "ingest {n} ({names} names): registry all visible {ours_done:?} after the first publish, {ours_after:?} after the last; {:.0} announcements/s, {:.2} us each \
          | raw subscriber {raw_done:?} / {raw_after:?}; {:.0}/s | ratio {:.2}x",
         n as f64 / ours_done.as_secs_f64(),
         ours_done.as_secs_f64() * 1e6 / n as f64,
@@ -414,12 +437,12 @@ async fn ingest(url: &str, n: usize) -> Result<(), Error> {
     Ok(())
 }
 
-/// Pre-encoded announcements of `n` instances over 1,000 names, as their
+/// Pre-encoded announcements of `n` instances over `names` names, as their
 /// own registries would send them (20 s interval).
-fn announcements(n: usize) -> Vec<(String, Bytes)> {
+fn announcements(n: usize, names: usize) -> Vec<(String, Bytes)> {
     (0..n)
         .map(|i| {
-            let name = format!("svc-{}", i % 1000);
+            let name = format!("svc-{}", i % names.max(1));
             let s = Service::new(
                 &name,
                 format!("10.{}.{}.{}:8080", i / 65536, (i / 256) % 256, i % 256),
@@ -494,7 +517,7 @@ async fn observer_process(url: &str, n: usize, what: &str) -> Result<(), Error> 
         return Err(format!("child said {ready}").into());
     }
     let publishers = vec![async_nats::connect(url).await?];
-    publish_all(&publishers, &announcements(n)).await?;
+    publish_all(&publishers, &announcements(n, 1000)).await?;
     while let Some(line) = lines.next_line().await? {
         if line.starts_with(what) {
             println!("{line}");
@@ -514,8 +537,11 @@ where
     tokio::spawn(async move {
         let mut at = Vec::with_capacity(n);
         while at.len() < n {
-            stream.next().await.ok_or("stream ended")?;
-            at.push(Instant::now());
+            match tokio::time::timeout(ARRIVAL_DEADLINE, stream.next()).await {
+                Ok(Some(_)) => at.push(Instant::now()),
+                Ok(None) => return Err("stream ended".into()),
+                Err(_) => return Err(format!("{} of {n} lost", n - at.len()).into()),
+            }
         }
         Ok(at)
     })

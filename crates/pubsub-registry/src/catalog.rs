@@ -1,10 +1,12 @@
 //! The local cache of instances, by service name.
 //!
 //! Readers never lock: each name has an immutable snapshot behind an atomic
-//! pointer, and the map of names is itself a snapshot. Writers (the message
-//! handlers and the expiry timer) serialise on one mutex and publish new
-//! snapshots. A heartbeat that changes nothing but the time only moves the
-//! instance's due time, so it costs no snapshot at all.
+//! pointer, and the map of names is a lock-free concurrent map (papaya) that
+//! only grows, so a new name costs one insertion whatever the number of
+//! names (copying a snapshot of the map would cost them all). Writers (the
+//! message handlers and the expiry timer) serialise on one mutex and publish
+//! new snapshots. A heartbeat that changes nothing but the time only moves
+//! the instance's due time, so it costs no snapshot at all.
 //!
 //! Each thread also remembers the snapshots it read last, with the name's
 //! version when it read them. A repeated lookup then costs a hash, a string
@@ -33,7 +35,7 @@ use crate::event::{Event, EventKind};
 use crate::service::{CompactString, Instance, Service, Status};
 
 type Hasher = foldhash::fast::RandomState;
-type NameMap = HashMap<Arc<str>, Arc<NameEntry>, Hasher>;
+type NameMap = papaya::HashMap<Arc<str>, Arc<NameEntry>, Hasher>;
 
 /// The instances of one name, as published.
 pub(crate) type Snapshot = Arc<Vec<Arc<Instance>>>;
@@ -56,7 +58,7 @@ pub(crate) struct NameEntry {
 pub(crate) struct Catalog {
     /// Tells this catalog's thread memos from another's.
     id: u64,
-    names: ArcSwap<NameMap>,
+    names: NameMap,
     writer: Mutex<Writer>,
     /// Heap entries the expiry timer has examined.
     pub(crate) expiry_checks: AtomicU64,
@@ -115,7 +117,7 @@ impl Catalog {
         static IDS: AtomicU64 = AtomicU64::new(1);
         Catalog {
             id: IDS.fetch_add(1, Ordering::Relaxed),
-            names: ArcSwap::from_pointee(NameMap::default()),
+            names: NameMap::default(),
             writer: Mutex::new(Writer::default()),
             expiry_checks: AtomicU64::new(0),
             timer: Notify::new(),
@@ -161,7 +163,7 @@ impl Catalog {
         slot: usize,
         f: impl FnOnce(&Snapshot, &AtomicUsize) -> R,
     ) -> Option<R> {
-        let names = self.names.load();
+        let names = self.names.pin();
         let (key, entry) = names.get_key_value(name)?;
         // The version first: if a commit lands in between, the memo is
         // older than the snapshot it holds and is simply refreshed next time.
@@ -186,7 +188,7 @@ impl Catalog {
 
     /// The entry of a name, created empty if needed (for lookups that wait).
     pub(crate) fn ensure(&self, name: &str) -> Arc<NameEntry> {
-        if let Some(e) = self.names.load().get(name) {
+        if let Some(e) = self.names.pin().get(name) {
             return e.clone();
         }
         let mut w = self.lock();
@@ -197,7 +199,7 @@ impl Catalog {
     pub(crate) fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .names
-            .load()
+            .pin()
             .iter()
             .filter(|(_, e)| !e.instances.load().is_empty())
             .map(|(n, _)| n.to_string())
@@ -208,11 +210,12 @@ impl Catalog {
 
     /// Every instance of every name.
     pub(crate) fn all(&self) -> Vec<Arc<Instance>> {
-        let names = self.names.load();
-        names
-            .values()
-            .flat_map(|e| e.instances.load().iter().cloned().collect::<Vec<_>>())
-            .collect()
+        let names = self.names.pin();
+        let mut all = Vec::new();
+        for e in names.values() {
+            all.extend(e.instances.load().iter().cloned());
+        }
+        all
     }
 
     /// Applies changes received now under one lock, publishing each touched
@@ -427,11 +430,7 @@ impl Catalog {
         if !names.contains_key(name) {
             let name: Arc<str> = name.into();
             let entry = Arc::new(NameEntry::default());
-            // New names are rare next to lookups: copying the map here keeps
-            // every read lock-free.
-            let mut map = NameMap::clone(&self.names.load());
-            map.insert(name.clone(), entry.clone());
-            self.names.store(Arc::new(map));
+            self.names.pin().insert(name.clone(), entry.clone());
             names.insert(
                 name.clone(),
                 NameState {
@@ -574,6 +573,28 @@ mod tests {
         one.expire(Instant::now());
         assert_eq!(addresses(&one).unwrap(), Vec::<String>::new());
         assert!(one.read("b", |_, _| ()).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_name_of_a_batch_is_readable_after_it() {
+        let c = Catalog::new();
+        let interval = Duration::from_secs(1);
+        let changes = (0..5000).map(|i| Change::Announce {
+            service: svc(&format!("n{i}"), "h:1"),
+            status: Status::Passing,
+            interval,
+            sent: None,
+        });
+        assert_eq!(c.apply(changes, 1.5).len(), 5000);
+        assert_eq!(c.names().len(), 5000);
+        for i in (0..5000).step_by(7) {
+            let addresses = c.read(&format!("n{i}"), |v, _| v.len());
+            assert_eq!(addresses, Some(1), "n{i}");
+        }
+        assert!(c.read("n5000", |_, _| ()).is_none());
+        // A name a lookup waits on is readable (empty) before any instance.
+        c.ensure("later");
+        assert_eq!(c.read("later", |v, _| v.len()), Some(0));
     }
 
     #[tokio::test(start_paused = true)]
