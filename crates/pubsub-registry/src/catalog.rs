@@ -83,6 +83,15 @@ struct NameState {
     pending: Option<Vec<Arc<Instance>>>,
 }
 
+/// What every change of a batch shares.
+struct Batch {
+    /// When it was received, by both clocks.
+    at: Instant,
+    wall: SystemTime,
+    /// Due-time factor: how many intervals an instance lives unheard.
+    factor: f64,
+}
+
 /// A change to apply, decoded from the wire.
 pub(crate) enum Change {
     Announce {
@@ -229,6 +238,13 @@ impl Catalog {
         let mut guard = self.lock();
         let w = &mut *guard;
         let mut events = Vec::new();
+        // Read once: a batch is taken in at one time (clock reads are a
+        // noticeable part of a message's cost on a VM).
+        let batch = Batch {
+            at: Instant::now(),
+            wall: SystemTime::now(),
+            factor,
+        };
         for change in changes {
             let event = match change {
                 Change::Announce {
@@ -236,7 +252,7 @@ impl Catalog {
                     status,
                     interval,
                     sent,
-                } => self.announce_in(w, service, status, interval, factor, sent),
+                } => self.announce_in(w, service, status, interval, sent, &batch),
                 Change::Remove { name, address } => Self::remove_in(w, &name, &address),
             };
             events.extend(event);
@@ -280,10 +296,10 @@ impl Catalog {
         service: Service,
         status: Status,
         interval: Duration,
-        factor: f64,
         sent: Option<SystemTime>,
+        batch: &Batch,
     ) -> Option<Event> {
-        let due = Instant::now() + interval.min(MAX_DUE).mul_f64(factor).min(MAX_DUE);
+        let due = batch.at + interval.min(MAX_DUE).mul_f64(batch.factor).min(MAX_DUE);
         let state = self.state(&mut w.names, &service.name);
         let (event, push) = match state.slots.get_mut(service.address.as_str()) {
             Some(slot) => {
@@ -298,11 +314,12 @@ impl Catalog {
                     }
                 });
                 if slot.instance.same_as(&service, status) {
-                    slot.instance.touch(sent);
+                    slot.instance.touch(sent, batch.wall);
                     (None, push)
                 } else {
                     let previous = slot.instance.status;
-                    let instance = Arc::new(Instance::new(service, status, interval, sent));
+                    let instance =
+                        Arc::new(Instance::new(service, status, interval, sent, batch.wall));
                     slot.instance = instance.clone();
                     let replaced = instance.clone();
                     state.change(&mut w.dirty, move |v| {
@@ -321,7 +338,7 @@ impl Catalog {
             }
             None => {
                 let address = service.address.clone();
-                let instance = Arc::new(Instance::new(service, status, interval, sent));
+                let instance = Arc::new(Instance::new(service, status, interval, sent, batch.wall));
                 state.slots.insert(
                     address.clone(),
                     Slot {

@@ -357,13 +357,14 @@ impl Instance {
         status: Status,
         interval: Duration,
         sent: Option<SystemTime>,
+        heard: SystemTime,
     ) -> Self {
         Instance {
             service,
             status,
             interval,
             sent_ms: AtomicU64::new(sent.map_or(0, unix_ms)),
-            heard_ms: AtomicU64::new(unix_ms(SystemTime::now())),
+            heard_ms: AtomicU64::new(unix_ms(heard)),
         }
     }
 
@@ -396,9 +397,8 @@ impl Instance {
         }
     }
 
-    pub(crate) fn touch(&self, sent: Option<SystemTime>) {
-        self.heard_ms
-            .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+    pub(crate) fn touch(&self, sent: Option<SystemTime>, heard: SystemTime) {
+        self.heard_ms.store(unix_ms(heard), Ordering::Relaxed);
         if let Some(sent) = sent {
             self.sent_ms.store(unix_ms(sent), Ordering::Relaxed);
         }
