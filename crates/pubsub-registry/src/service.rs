@@ -133,6 +133,12 @@ impl Kv {
         Kv(Vec::new())
     }
 
+    /// Entries room is allocated for (a cached kv should have no slack).
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.0.capacity()
+    }
+
     fn position(&self, key: &str) -> Result<usize, usize> {
         self.0.binary_search_by(|(k, _)| k.as_str().cmp(key))
     }
