@@ -245,15 +245,8 @@ async fn observer_burst(url: &str, n: usize) -> Result<(), Error> {
         .build()
         .await?;
     observer.observe(name).await?;
-    let mut events = observer.events_for(name);
-    let reader = tokio::spawn(async move {
-        let mut at = Vec::with_capacity(n);
-        while at.len() < n {
-            let ev = events.next().await.ok_or("events ended")??;
-            at.push((ev.instance.address().to_string(), Instant::now()));
-        }
-        Ok::<_, Error>(at)
-    });
+    let events = observer.events_for(name);
+    let reader = event_arrivals(events, n);
     let sent = send(format!("registry.register.{name}")).await?;
     let index: HashMap<String, Instant> = (0..n)
         .map(|i| (format!("10.1.{}.{}:80", i / 256, i % 256), sent[i]))
@@ -292,14 +285,7 @@ async fn registry_propagation(
     if burst {
         // Each event is timestamped as it arrives, by a reader task of its
         // own, as for the raw baseline: the sending loop never delays it.
-        let reader = tokio::spawn(async move {
-            let mut at = Vec::with_capacity(n);
-            while at.len() < n {
-                let ev = events.next().await.ok_or("events ended")??;
-                at.push((ev.instance.address().to_string(), Instant::now()));
-            }
-            Ok::<_, Error>(at)
-        });
+        let reader = event_arrivals(events, n);
         let services: Vec<Service> = (0..n).map(|i| Service::new(name, address(i))).collect();
         let mut sent = Vec::with_capacity(n);
         let started = Instant::now();
@@ -541,6 +527,25 @@ where
                 Ok(Some(_)) => at.push(Instant::now()),
                 Ok(None) => return Err("stream ended".into()),
                 Err(_) => return Err(format!("{} of {n} lost", n - at.len()).into()),
+            }
+        }
+        Ok(at)
+    })
+}
+
+/// Like [`arrivals`] for registry events: the address each event names and
+/// when it arrived, so it can be matched with its own send time.
+fn event_arrivals(
+    mut events: pubsub_registry::EventStream,
+    n: usize,
+) -> tokio::task::JoinHandle<Result<Vec<(String, Instant)>, Error>> {
+    tokio::spawn(async move {
+        let mut at = Vec::with_capacity(n);
+        while at.len() < n {
+            match tokio::time::timeout(ARRIVAL_DEADLINE, events.next()).await {
+                Ok(Some(ev)) => at.push((ev?.instance.address().to_string(), Instant::now())),
+                Ok(None) => return Err("events ended".into()),
+                Err(_) => return Err(format!("{} of {n} events lost", n - at.len()).into()),
             }
         }
         Ok(at)

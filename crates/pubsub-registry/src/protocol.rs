@@ -354,8 +354,8 @@ fn decode_plain(payload: &[u8]) -> Option<Announcement> {
     Some(a)
 }
 
-/// Most `kv` entries [`decode_plain`] takes: it inserts them one by one,
-/// which would be quadratic in a hostile payload's thousands of keys.
+/// Most `kv` entries [`decode_plain`] takes: real announcements carry a
+/// handful, and a hostile payload's thousands are left to the serde path.
 const MAX_PLAIN_KV: usize = 32;
 
 /// A cursor over valid UTF-8 JSON for [`decode_plain`]. Every method returns
@@ -456,9 +456,8 @@ impl<'a> Plain<'a> {
             entries.push((key, p.string()?));
             Some(())
         })?;
-        // Collected, not inserted: the kv is kept for the instance's life,
-        // so it is allocated at its exact size (inserting grows it to four
-        // entries, 144 bytes more an instance).
+        // Collected, not inserted: `Kv`'s `FromIterator` sizes it exactly
+        // (inserting grows it to four entries, 144 bytes more an instance).
         Some(entries.into_iter().collect())
     }
 

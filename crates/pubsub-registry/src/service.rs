@@ -214,16 +214,20 @@ impl<K: Into<CompactString>, V: Into<CompactString>> FromIterator<(K, V)> for Kv
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
             .collect();
-        // A stable sort keeps duplicates in arrival order; keep the last.
+        // A stable sort keeps duplicates in arrival order; keep the last
+        // (`dedup_by` keeps the first of a run, so the later value is moved
+        // into it first).
         entries.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut kv: Vec<(CompactString, CompactString)> = Vec::with_capacity(entries.len());
-        for e in entries {
-            match kv.last_mut() {
-                Some(last) if last.0 == e.0 => *last = e,
-                _ => kv.push(e),
+        entries.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                std::mem::swap(&mut later.1, &mut kept.1);
             }
-        }
-        Kv(kv)
+            same
+        });
+        // A cached kv lives as long as its instance: no spare room.
+        entries.shrink_to_fit();
+        Kv(entries)
     }
 }
 
