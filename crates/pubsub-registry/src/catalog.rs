@@ -32,13 +32,13 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::event::{Event, EventKind};
-use crate::service::{CompactString, Instance, Service, Status};
+use crate::service::{Chunks, CompactString, Instance, Service, Status};
 
 type Hasher = foldhash::fast::RandomState;
 type NameMap = papaya::HashMap<Arc<str>, Arc<NameEntry>, Hasher>;
 
 /// The instances of one name, as published.
-pub(crate) type Snapshot = Arc<Vec<Arc<Instance>>>;
+pub(crate) type Snapshot = Arc<Chunks>;
 
 /// Longest due time honoured, whatever an announcement claims.
 const MAX_DUE: Duration = Duration::from_secs(24 * 3600);
@@ -46,7 +46,7 @@ const MAX_DUE: Duration = Duration::from_secs(24 * 3600);
 /// What readers see of one name.
 #[derive(Default)]
 pub(crate) struct NameEntry {
-    pub(crate) instances: ArcSwap<Vec<Arc<Instance>>>,
+    pub(crate) instances: ArcSwap<Chunks>,
     /// Bumped after each new snapshot is published (thread memos compare it).
     version: AtomicU64,
     /// Round-robin turn.
@@ -80,7 +80,7 @@ struct NameState {
     /// By address (inline for addresses up to 24 bytes: no allocation).
     slots: HashMap<CompactString, Slot, Hasher>,
     /// The next snapshot, while a batch changes it.
-    pending: Option<Vec<Arc<Instance>>>,
+    pending: Option<Chunks>,
 }
 
 /// What every change of a batch shares.
@@ -108,6 +108,8 @@ pub(crate) enum Change {
 
 struct Slot {
     instance: Arc<Instance>,
+    /// Its position in the name's snapshot.
+    pos: usize,
     /// When it expires unless heard from again.
     due: Instant,
     /// When its heap entry comes up (never later than `due`).
@@ -210,7 +212,7 @@ impl Catalog {
             .names
             .pin()
             .iter()
-            .filter(|(_, e)| !e.instances.load().is_empty())
+            .filter(|(_, e)| e.instances.load().len() > 0)
             .map(|(n, _)| n.to_string())
             .collect();
         names.sort();
@@ -321,13 +323,8 @@ impl Catalog {
                     let instance =
                         Arc::new(Instance::new(service, status, interval, sent, batch.wall));
                     slot.instance = instance.clone();
-                    let replaced = instance.clone();
-                    state.change(&mut w.dirty, move |v| {
-                        if let Some(old) = v.iter_mut().find(|i| i.address() == replaced.address())
-                        {
-                            *old = replaced;
-                        }
-                    });
+                    let (pos, replaced) = (slot.pos, instance.clone());
+                    state.change(&mut w.dirty, move |v| v.set(pos, replaced));
                     let kind = if previous == status {
                         EventKind::Registered
                     } else {
@@ -339,16 +336,17 @@ impl Catalog {
             None => {
                 let address = service.address.clone();
                 let instance = Arc::new(Instance::new(service, status, interval, sent, batch.wall));
+                let added = instance.clone();
+                let pos = state.change(&mut w.dirty, move |v| v.push(added));
                 state.slots.insert(
                     address.clone(),
                     Slot {
                         instance: instance.clone(),
+                        pos,
                         due,
                         scheduled: due,
                     },
                 );
-                let added = instance.clone();
-                state.change(&mut w.dirty, move |v| v.push(added));
                 let push = Due {
                     at: due,
                     name: state.name.clone(),
@@ -373,8 +371,7 @@ impl Catalog {
 
     fn remove_in(w: &mut Writer, name: &str, address: &str) -> Option<Event> {
         let state = w.names.get_mut(name)?;
-        let slot = state.slots.remove(address)?;
-        state.change(&mut w.dirty, |v| v.retain(|i| i.address() != address));
+        let slot = state.remove(&mut w.dirty, address)?;
         Some(Event {
             kind: EventKind::Unregistered,
             instance: slot.instance,
@@ -422,8 +419,7 @@ impl Catalog {
                 w.heap.push(Reverse(Due { at: slot.due, ..d }));
                 continue;
             }
-            if let Some(slot) = state.slots.remove(&d.address) {
-                state.change(&mut w.dirty, |v| v.retain(|i| i.address() != d.address));
+            if let Some(slot) = state.remove(&mut w.dirty, &d.address) {
                 events.push(Event {
                     kind: EventKind::Expired,
                     instance: slot.instance,
@@ -491,17 +487,31 @@ fn memo_slot(name: &str) -> usize {
 
 impl NameState {
     /// Changes the next snapshot, starting it from the current one on the
-    /// first change of a batch.
-    fn change(&mut self, dirty: &mut Vec<Arc<str>>, change: impl FnOnce(&mut Vec<Arc<Instance>>)) {
+    /// first change of a batch (a copy of the list of chunks, which share
+    /// their instances until changed).
+    fn change<R>(&mut self, dirty: &mut Vec<Arc<str>>, change: impl FnOnce(&mut Chunks) -> R) -> R {
         let pending = match &mut self.pending {
             Some(v) => v,
             None => {
                 dirty.push(self.name.clone());
                 self.pending
-                    .insert(Vec::clone(&self.entry.instances.load()))
+                    .insert(Chunks::clone(&self.entry.instances.load()))
             }
         };
-        change(pending);
+        change(pending)
+    }
+
+    /// Drops an instance from the slots and the next snapshot. The last
+    /// instance of the snapshot takes its place: its slot learns the move.
+    fn remove(&mut self, dirty: &mut Vec<Arc<str>>, address: &str) -> Option<Slot> {
+        let slot = self.slots.remove(address)?;
+        let pos = slot.pos;
+        if let Some(moved) = self.change(dirty, |v| v.swap_remove(pos)) {
+            if let Some(s) = self.slots.get_mut(moved.address()) {
+                s.pos = pos;
+            }
+        }
+        Some(slot)
     }
 }
 
@@ -633,5 +643,137 @@ mod tests {
         let (events, _) = c.expire(Instant::now());
         assert_eq!(events[0].instance.address(), "h:2", "h:2 is due at 250 ms");
         assert_eq!(c.len(), 0);
+    }
+
+    fn announce_many(c: &Catalog, name: &str, addresses: impl Iterator<Item = String>) {
+        let changes = addresses.map(|a| Change::Announce {
+            service: svc(name, &a),
+            status: Status::Passing,
+            interval: Duration::from_secs(1),
+            sent: None,
+        });
+        c.apply(changes, 1.5);
+    }
+
+    fn snapshot(c: &Catalog, name: &str) -> Snapshot {
+        c.names.pin().get(name).unwrap().instances.load_full()
+    }
+
+    /// Chunks of `b` that are not shared with `a`.
+    fn copied(a: &Snapshot, b: &Snapshot) -> usize {
+        b.chunks()
+            .iter()
+            .enumerate()
+            .filter(|(i, chunk)| {
+                a.chunks()
+                    .get(*i)
+                    .is_none_or(|old| !Arc::ptr_eq(old, chunk))
+            })
+            .count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_copies_one_chunk_not_the_name() {
+        let c = Catalog::new();
+        announce_many(&c, "big", (0..1000).map(|i| format!("h:{i}")));
+        let before = snapshot(&c, "big");
+        assert_eq!(before.len(), 1000);
+        assert!(before.chunks().len() > 10);
+
+        let ev = c.announce(
+            svc("big", "h:500"),
+            Status::Warning,
+            Duration::from_secs(1),
+            1.5,
+            None,
+        );
+        assert!(ev.is_some());
+        let changed = snapshot(&c, "big");
+        assert_eq!(copied(&before, &changed), 1, "one chunk copied");
+        assert_eq!(changed[500].status, Status::Warning);
+
+        // A removal moves the last instance into the hole: two chunks.
+        c.remove("big", "h:10").unwrap();
+        let removed = snapshot(&c, "big");
+        assert_eq!(removed.len(), 999);
+        assert_eq!(copied(&changed, &removed), 2);
+        assert_eq!(removed[10].address(), "h:999");
+        assert!(removed.iter().all(|i| i.address() != "h:10"));
+
+        // A refresh publishes nothing.
+        c.announce(
+            svc("big", "h:1"),
+            Status::Passing,
+            Duration::from_secs(1),
+            1.5,
+            None,
+        );
+        assert!(Arc::ptr_eq(&removed, &snapshot(&c, "big")));
+    }
+
+    /// Every slot's position names its own instance, and the snapshot holds
+    /// exactly the slots' instances.
+    fn check_positions(c: &Catalog, name: &str) -> Vec<(String, Status)> {
+        let w = c.lock();
+        let state = &w.names[name];
+        let published = state.entry.instances.load();
+        assert_eq!(published.len(), state.slots.len());
+        for (address, slot) in &state.slots {
+            assert!(
+                Arc::ptr_eq(&published[slot.pos], &slot.instance),
+                "{address}"
+            );
+        }
+        let mut all: Vec<_> = published
+            .iter()
+            .map(|i| (i.address().to_string(), i.status))
+            .collect();
+        all.sort();
+        all
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_snapshot_follows_any_sequence_of_changes() {
+        let c = Catalog::new();
+        let mut model: HashMap<String, Status> = HashMap::new();
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut random = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let statuses = [Status::Passing, Status::Warning, Status::Critical];
+        for round in 0..300 {
+            let mut changes = Vec::new();
+            for _ in 0..=random(40) {
+                let address = format!("h:{}", random(200));
+                if random(3) == 0 {
+                    model.remove(&address);
+                    changes.push(Change::Remove {
+                        name: "n".into(),
+                        address: address.as_str().into(),
+                    });
+                } else {
+                    let status = statuses[random(3) as usize];
+                    model.insert(address.clone(), status);
+                    changes.push(Change::Announce {
+                        service: svc("n", &address),
+                        status,
+                        interval: Duration::from_secs(1),
+                        sent: None,
+                    });
+                }
+            }
+            c.apply(changes, 1.5);
+            let mut expected: Vec<_> = model.iter().map(|(a, s)| (a.clone(), *s)).collect();
+            expected.sort();
+            assert_eq!(check_positions(&c, "n"), expected, "round {round}");
+        }
+        // Expiry removes through the same path.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let (events, _) = c.expire(Instant::now());
+        assert_eq!(events.len(), model.len());
+        assert!(check_positions(&c, "n").is_empty());
     }
 }

@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::service::{Instance, Instances, Service};
+use crate::service::{Chunks, Instance, Instances, Service};
 
 /// A lookup filter: keeps instances that match, or (round-robin) picks one.
 ///
@@ -105,7 +105,7 @@ impl Chain<'_> {
     /// round-robin.
     pub(crate) fn pick<'i>(
         &self,
-        instances: &'i [Arc<Instance>],
+        instances: &'i Chunks,
         turn: &AtomicUsize,
     ) -> Option<&'i Arc<Instance>> {
         if !self.round_robin() {
@@ -113,7 +113,7 @@ impl Chain<'_> {
         }
         if self.all().all(|f| matches!(f.0, Rule::RoundRobin)) {
             // Nothing to filter: the turn indexes the snapshot directly.
-            if instances.is_empty() {
+            if instances.len() == 0 {
                 return None;
             }
             let n = turn.fetch_add(1, Ordering::Relaxed) % instances.len();
@@ -129,28 +129,14 @@ impl Chain<'_> {
 
     /// Every instance that matches (the shared snapshot itself when there is
     /// no filter); under round-robin, the one next in turn.
-    pub(crate) fn select(
-        &self,
-        snapshot: &Arc<Vec<Arc<Instance>>>,
-        turn: &AtomicUsize,
-    ) -> Instances {
+    pub(crate) fn select(&self, snapshot: &Arc<Chunks>, turn: &AtomicUsize) -> Instances {
         if self.is_empty() {
             return Instances(snapshot.clone());
         }
         if self.round_robin() {
-            return self
-                .pick(snapshot, turn)
-                .cloned()
-                .into_iter()
-                .collect::<Vec<_>>()
-                .into();
+            return self.pick(snapshot, turn).cloned().into_iter().collect();
         }
-        snapshot
-            .iter()
-            .filter(|i| self.keeps(i))
-            .cloned()
-            .collect::<Vec<_>>()
-            .into()
+        snapshot.iter().filter(|i| self.keeps(i)).cloned().collect()
     }
 }
 

@@ -6,7 +6,8 @@
 //! [`catalog`](crate::catalog) takes it in, and the change goes out as an
 //! [`Event`] to the callback and the event streams; lookups read the catalog.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -18,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, Notify};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -439,6 +440,9 @@ struct Inner {
     closed: AtomicBool,
     counters: Counters,
     tasks: Mutex<Vec<AbortHandle>>,
+    /// Woken when the earliest heartbeat moves earlier. Not in `own`: the
+    /// heartbeat task waits on it without keeping the registry alive.
+    beat_timer: Arc<Notify>,
 }
 
 type Key = (CompactString, CompactString);
@@ -460,12 +464,27 @@ struct Own {
     pings: HashMap<String, Pinged, foldhash::fast::RandomState>,
     /// The "ping all" listener, from the first registration on.
     ping_all: Option<AbortHandle>,
+    /// Heartbeats by due time, one entry per registration, all sent by one
+    /// task: a registration costs a heap push, not a task and a timer. An
+    /// unregistered service's entry is dropped when it comes up.
+    beats: BinaryHeap<Reverse<Beat>>,
+    /// Tells a registration's heap entry from one of an earlier
+    /// registration of the same name and address.
+    last_beat: u64,
 }
 
 struct Registered {
     service: Service,
     status: Status,
-    heartbeat: AbortHandle,
+    /// Its entry in `beats`.
+    beat: u64,
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Beat {
+    at: Instant,
+    id: u64,
+    key: Key,
 }
 
 struct Pinged {
@@ -525,10 +544,12 @@ impl Registry {
             closed: AtomicBool::new(false),
             counters: Counters::default(),
             tasks: Mutex::default(),
+            beat_timer: Arc::default(),
         });
         let weak = Arc::downgrade(&inner);
         let expiry = tokio::spawn(expire(inner.catalog.clone(), weak.clone()));
-        let mut tasks = vec![expiry.abort_handle()];
+        let beats = tokio::spawn(heartbeats(inner.beat_timer.clone(), weak.clone()));
+        let mut tasks = vec![expiry.abort_handle(), beats.abort_handle()];
         if let Some(reconnects) = inner.transport.reconnects() {
             tasks.push(tokio::spawn(follow_reconnects(reconnects, weak)).abort_handle());
         }
@@ -567,11 +588,18 @@ impl Registry {
                     r.status
                 }
                 None => {
-                    let heartbeat = tokio::spawn(heartbeat(
-                        Arc::downgrade(inner),
-                        key.clone(),
-                        inner.opts.register_interval,
-                    ));
+                    own.last_beat += 1;
+                    let id = own.last_beat;
+                    let at = Instant::now() + phase(&key, inner.opts.register_interval);
+                    let earliest = own.beats.peek().is_none_or(|Reverse(b)| at < b.at);
+                    own.beats.push(Reverse(Beat {
+                        at,
+                        id,
+                        key: key.clone(),
+                    }));
+                    if earliest {
+                        inner.beat_timer.notify_one();
+                    }
                     if let Some(p) = own.pings.get_mut(key.0.as_str()) {
                         p.keys.push(key.clone());
                     }
@@ -580,7 +608,7 @@ impl Registry {
                         Registered {
                             service: service.clone(),
                             status: Status::Passing,
-                            heartbeat: heartbeat.abort_handle(),
+                            beat: id,
                         },
                     );
                     Status::Passing
@@ -609,10 +637,14 @@ impl Registry {
         let removed = {
             let mut own = lock(&inner.own);
             let removed = own.services.remove(&key);
-            if let Some(p) = own.pings.get_mut(key.0.as_str()) {
-                p.keys.retain(|k| *k != key);
-            }
-            if removed.is_some() && !own.services.keys().any(|(n, _)| *n == service.name) {
+            let last_of_name = match own.pings.get_mut(key.0.as_str()) {
+                Some(p) => {
+                    p.keys.retain(|k| *k != key);
+                    p.keys.is_empty()
+                }
+                None => false,
+            };
+            if removed.is_some() && last_of_name {
                 if let Some(p) = own.pings.remove(service.name.as_str()) {
                     p.listener.abort();
                 }
@@ -625,7 +657,6 @@ impl Registry {
                 address: key.1.into(),
             });
         };
-        removed.heartbeat.abort();
         inner.publish_unregister(&removed.service).await?;
         inner.flush().await
     }
@@ -1329,6 +1360,39 @@ impl Inner {
         let _ = self.events.send(event);
     }
 
+    /// The registrations whose heartbeat is due by `now`, each scheduled
+    /// again one interval on (from now if it is late: no catch-up bursts);
+    /// and when the next one is due.
+    fn due_heartbeats(&self, now: Instant) -> (Vec<(Service, Status)>, Option<Instant>) {
+        let interval = self.opts.register_interval;
+        let mut own = lock(&self.own);
+        let own = &mut *own;
+        let mut due = Vec::new();
+        while let Some(Reverse(top)) = own.beats.peek() {
+            if top.at > now {
+                break;
+            }
+            let Some(Reverse(beat)) = own.beats.pop() else {
+                break;
+            };
+            let Some(r) = own.services.get(&beat.key) else {
+                continue; // unregistered since
+            };
+            if r.beat != beat.id {
+                continue; // an earlier registration's entry
+            }
+            due.push((r.service.clone(), r.status));
+            let on_time = beat.at + interval;
+            let at = if on_time > now {
+                on_time
+            } else {
+                now + interval
+            };
+            own.beats.push(Reverse(Beat { at, ..beat }));
+        }
+        (due, own.beats.peek().map(|Reverse(b)| b.at))
+    }
+
     async fn ping(&self, name: &str) -> Result<()> {
         let main = &self.opts.main_topic;
         // Go ignores the reply subject; the Java port answers on it.
@@ -1406,13 +1470,8 @@ impl Inner {
         if let Some(listener) = own.ping_all.take() {
             listener.abort();
         }
-        own.services
-            .drain()
-            .map(|(_, r)| {
-                r.heartbeat.abort();
-                r.service
-            })
-            .collect()
+        own.beats.clear();
+        own.services.drain().map(|(_, r)| r.service).collect()
     }
 }
 
@@ -1448,29 +1507,36 @@ impl Drop for Inner {
     }
 }
 
-/// Announces a registered service every `interval`, from a phase of its own
-/// within the interval: services registered together (10,000 at start-up)
-/// then heartbeat spread over the interval, not in one burst.
-async fn heartbeat(inner: Weak<Inner>, key: Key, interval: Duration) {
-    let phase = {
-        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(&key);
-        interval.mul_f64((h % 1000 + 1) as f64 / 1000.0)
-    };
-    let mut tick = tokio::time::interval_at(Instant::now() + phase, interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Where in the interval a registration heartbeats: hashed from its name
+/// and address, so services registered together (10,000 at start-up) spread
+/// their heartbeats over the interval instead of sending them in one burst.
+fn phase(key: &Key, interval: Duration) -> Duration {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
+    interval.mul_f64((h % 1000 + 1) as f64 / 1000.0)
+}
+
+/// Sends every registration's heartbeat when it comes due.
+async fn heartbeats(timer: Arc<Notify>, inner: Weak<Inner>) {
     loop {
-        tick.tick().await;
-        let Some(inner) = inner.upgrade() else { return };
-        let current = lock(&inner.own)
-            .services
-            .get(&key)
-            .map(|r| (r.service.clone(), r.status));
-        let Some((service, status)) = current else {
-            return;
+        let next = {
+            let Some(inner) = inner.upgrade() else { return };
+            let (due, next) = inner.due_heartbeats(Instant::now());
+            for (service, status) in due {
+                if let Err(e) = inner.announce(&service, status).await {
+                    tracing::warn!(error = %e, name = %service.name, "heartbeat not sent");
+                }
+            }
+            next
         };
-        if let Err(e) = inner.announce(&service, status).await {
-            tracing::warn!(error = %e, name = %key.0, "heartbeat not sent");
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = timer.notified() => {}
+                }
+            }
+            None => timer.notified().await,
         }
     }
 }

@@ -429,33 +429,247 @@ fn from_unix_ms(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
+/// Instances per chunk of a snapshot.
+const CHUNK: usize = 64;
+
+type Chunk = Arc<Vec<Arc<Instance>>>;
+
 /// The instances of one service: a shared, immutable snapshot of the cache,
 /// returned without copying.
-#[derive(Clone, Debug, Default)]
-pub struct Instances(pub(crate) Arc<Vec<Arc<Instance>>>);
+///
+/// Index it, iterate it, or take a [`Vec`] with [`to_vec`](Self::to_vec):
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> pubsub_registry::Result<()> {
+/// use pubsub_registry::{MemoryBus, Registry, Service};
+///
+/// let bus = MemoryBus::new();
+/// let registry = Registry::builder().memory(&bus).build().await?;
+/// registry.register(Service::new("api", "10.0.0.1:80")).await?;
+/// let all = registry.get_services("api").await?;
+/// assert_eq!(all.len(), 1);
+/// assert_eq!(all[0].address(), "10.0.0.1:80");
+/// for instance in &all {
+///     println!("{} {}", instance.address(), instance.status);
+/// }
+/// let owned = all.to_vec();
+/// # assert_eq!(owned.len(), 1);
+/// # registry.close().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Default)]
+pub struct Instances(pub(crate) Arc<Chunks>);
 
-impl std::ops::Deref for Instances {
-    type Target = [Arc<Instance>];
+/// A name's instances in chunks of [`CHUNK`], shared between successive
+/// snapshots: a change copies the list of chunks and the one chunk it
+/// touches, so a batch that changes a name with 100,000 instances costs
+/// about 1,600 pointer copies, not 100,000. Every chunk but the last is
+/// full, which keeps indexing a division.
+#[derive(Clone, Default)]
+pub(crate) struct Chunks {
+    chunks: Vec<Chunk>,
+    len: usize,
+}
 
-    fn deref(&self) -> &Self::Target {
-        &self.0
+impl Chunks {
+    #[inline]
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline]
+    pub(crate) fn get(&self, i: usize) -> Option<&Arc<Instance>> {
+        self.chunks.get(i / CHUNK)?.get(i % CHUNK)
+    }
+
+    #[inline]
+    pub(crate) fn iter(&self) -> Iter<'_> {
+        Iter {
+            chunks: self.chunks.iter(),
+            current: [].iter(),
+            left: self.len,
+        }
+    }
+
+    /// Appends `instance`; returns its position.
+    pub(crate) fn push(&mut self, instance: Arc<Instance>) -> usize {
+        match self.chunks.last_mut() {
+            Some(last) if last.len() < CHUNK => Arc::make_mut(last).push(instance),
+            _ => {
+                let mut chunk = Vec::with_capacity(CHUNK);
+                chunk.push(instance);
+                self.chunks.push(Arc::new(chunk));
+            }
+        }
+        self.len += 1;
+        self.len - 1
+    }
+
+    /// Replaces the instance at `pos`.
+    pub(crate) fn set(&mut self, pos: usize, instance: Arc<Instance>) {
+        if let Some(slot) = self
+            .chunks
+            .get_mut(pos / CHUNK)
+            .and_then(|c| Arc::make_mut(c).get_mut(pos % CHUNK))
+        {
+            *slot = instance;
+        }
+    }
+
+    /// Removes the instance at `pos` by moving the last one into its place;
+    /// returns the one moved, whose position is now `pos`.
+    pub(crate) fn swap_remove(&mut self, pos: usize) -> Option<Arc<Instance>> {
+        if pos >= self.len {
+            return None;
+        }
+        let last_chunk = self.chunks.last_mut()?;
+        let last = Arc::make_mut(last_chunk).pop()?;
+        if last_chunk.is_empty() {
+            self.chunks.pop();
+        }
+        self.len -= 1;
+        if pos == self.len {
+            return None;
+        }
+        self.set(pos, last.clone());
+        Some(last)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn chunks(&self) -> &[Chunk] {
+        &self.chunks
+    }
+}
+
+impl FromIterator<Arc<Instance>> for Chunks {
+    fn from_iter<I: IntoIterator<Item = Arc<Instance>>>(iter: I) -> Self {
+        let mut c = Chunks::default();
+        for i in iter {
+            c.push(i);
+        }
+        c
+    }
+}
+
+impl Instances {
+    /// Number of instances.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.0.len() == 0
+    }
+
+    /// The instance at `i`, if there are that many.
+    #[inline]
+    pub fn get(&self, i: usize) -> Option<&Arc<Instance>> {
+        self.0.get(i)
+    }
+
+    /// The first instance, if any.
+    #[inline]
+    pub fn first(&self) -> Option<&Arc<Instance>> {
+        self.0.get(0)
+    }
+
+    /// The instances in order.
+    #[inline]
+    pub fn iter(&self) -> Iter<'_> {
+        self.0.iter()
+    }
+
+    /// A vector of the instances (each shared, not copied).
+    pub fn to_vec(&self) -> Vec<Arc<Instance>> {
+        self.iter().cloned().collect()
+    }
+
+    /// Whether both are the same snapshot of the cache: nothing changed
+    /// between the two lookups that returned them.
+    pub fn ptr_eq(&self, other: &Instances) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::ops::Index<usize> for Instances {
+    type Output = Arc<Instance>;
+
+    fn index(&self, i: usize) -> &Arc<Instance> {
+        &self.0[i]
+    }
+}
+
+impl std::ops::Index<usize> for Chunks {
+    type Output = Arc<Instance>;
+
+    fn index(&self, i: usize) -> &Arc<Instance> {
+        match self.get(i) {
+            Some(instance) => instance,
+            None => panic!("index {i} out of range for {} instances", self.len),
+        }
+    }
+}
+
+impl fmt::Debug for Instances {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
     }
 }
 
 impl<'a> IntoIterator for &'a Instances {
     type Item = &'a Arc<Instance>;
-    type IntoIter = std::slice::Iter<'a, Arc<Instance>>;
+    type IntoIter = Iter<'a>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.0.iter()
+        self.iter()
     }
 }
 
 impl From<Vec<Arc<Instance>>> for Instances {
     fn from(v: Vec<Arc<Instance>>) -> Self {
-        Instances(Arc::new(v))
+        v.into_iter().collect()
     }
 }
+
+impl FromIterator<Arc<Instance>> for Instances {
+    fn from_iter<I: IntoIterator<Item = Arc<Instance>>>(iter: I) -> Self {
+        Instances(Arc::new(iter.into_iter().collect()))
+    }
+}
+
+/// An iterator over [`Instances`].
+#[derive(Clone, Debug)]
+pub struct Iter<'a> {
+    chunks: std::slice::Iter<'a, Chunk>,
+    current: std::slice::Iter<'a, Arc<Instance>>,
+    left: usize,
+}
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = &'a Arc<Instance>;
+
+    #[inline]
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(i) = self.current.next() {
+                self.left -= 1;
+                return Some(i);
+            }
+            self.current = self.chunks.next()?.iter();
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl ExactSizeIterator for Iter<'_> {}
 
 #[cfg(test)]
 mod tests {

@@ -378,10 +378,7 @@ async fn get_services_shares_the_snapshot(env: Env) {
     let one = b.get_services("shared").await.unwrap();
     let two = b.get_services("shared").await.unwrap();
     assert_eq!(one.len(), 10);
-    assert!(
-        std::ptr::eq(one.as_ptr(), two.as_ptr()),
-        "same snapshot, not a copy"
-    );
+    assert!(one.ptr_eq(&two), "same snapshot, not a copy");
     assert!(Arc::ptr_eq(
         &one[0],
         &b.cached_service("shared", &[]).unwrap()
