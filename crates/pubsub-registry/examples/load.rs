@@ -3,7 +3,8 @@
 //!     cargo run --release -p pubsub-registry --example load -- [SCENARIO] [--count N] [--url URL]
 //!
 //! Scenarios (all by default): `propagation` (ending with `observer-burst`,
-//! also available alone), `cold`, `ingest`, `memory`,
+//! also available alone), `cold` (and `cold-task`, the same from a worker
+//! task), `ingest`, `memory`,
 //! `idle`, `heartbeat`; `redis` (with `--features redis`) measures
 //! propagation over Redis. Without `--url` a private `nats-server` is started
 //! on a free loopback port. Every figure is printed next to the raw
@@ -94,6 +95,12 @@ async fn main() -> Result<(), Error> {
         match s.as_str() {
             "propagation" => propagation(&url, args.count.unwrap_or(2000)).await?,
             "cold" => cold(&url, args.count.unwrap_or(1000)).await?,
+            // The same from a task on the runtime's workers, as a service's
+            // request handler would look up: no wake-up of the main thread.
+            "cold-task" => {
+                let (url, n) = (url.clone(), args.count.unwrap_or(1000));
+                tokio::spawn(async move { cold(&url, n).await }).await??
+            }
             "observer-burst" => observer_burst(&url, args.count.unwrap_or(2000)).await?,
             "ingest" => {
                 for n in [1_000, 10_000, args.count.unwrap_or(100_000)] {
@@ -155,48 +162,60 @@ async fn nats(url: &str) -> Result<Arc<NatsTransport>, Error> {
 
 /// From `register` in one process to the `Registered` event in another,
 /// against raw publish-to-subscriber, both one at a time (paced) and all at
-/// once (burst).
+/// once (burst). Paced samples alternate raw and registry, one of each per
+/// round, so a slow spell of the VM falls on both alike.
 async fn propagation(url: &str, n: usize) -> Result<(), Error> {
-    for burst in [false, true] {
-        let mode = if burst { "burst" } else { "paced" };
-        // Raw: the payload is what an announcement weighs.
+    // Raw: the payload is what an announcement weighs.
+    let payload = Bytes::from(pubsub_registry::protocol::encode_announcement(
+        &Service::new("prop", "10.0.0.1:80"),
+        pubsub_registry::Status::Passing,
+        std::time::SystemTime::now(),
+        Duration::from_secs(20),
+    ));
+    {
         let publisher = async_nats::connect(url).await?;
         let subscriber = raw_client(url).await?;
         let mut sub = subscriber.subscribe("raw.prop").await?;
         settled(&subscriber).await;
-        let payload = Bytes::from(pubsub_registry::protocol::encode_announcement(
-            &Service::new("prop", "10.0.0.1:80"),
-            pubsub_registry::Status::Passing,
-            std::time::SystemTime::now(),
-            Duration::from_secs(20),
-        ));
-        let mut raw = Vec::with_capacity(n);
-        let mut sent = Vec::with_capacity(n);
-        if burst {
-            // Latency of each message: its arrival, timestamped by a reader
-            // task of its own, minus its own send time.
-            let reader = arrivals(sub, n);
-            for _ in 0..n {
-                sent.push(Instant::now());
-                publisher.publish("raw.prop", payload.clone()).await?;
-            }
-            publisher.flush().await?;
-            let arrived = reader.await??;
-            raw.extend(arrived.iter().zip(&sent).map(|(a, s)| *a - *s));
-        } else {
-            for _ in 0..n {
-                let s = Instant::now();
-                publisher.publish("raw.prop", payload.clone()).await?;
-                sub.next().await.ok_or("raw subscription ended")?;
-                raw.push(s.elapsed());
-            }
-        }
-
-        let mut ours = registry_propagation(|| Registry::builder().nats_url(url), n, burst).await?;
-        report(&format!("propagation {mode}"), &mut ours, &mut raw);
+        let raw_once = async || {
+            let s = Instant::now();
+            publisher.publish("raw.prop", payload.clone()).await?;
+            sub.next().await.ok_or("raw subscription ended")?;
+            Ok(s.elapsed())
+        };
+        let (mut ours, mut raw) = paced(|| Registry::builder().nats_url(url), n, raw_once).await?;
+        report("propagation paced", &mut ours, &mut raw);
     }
+
+    // Burst: the latency of each message is its arrival, timestamped by a
+    // reader task of its own, minus its own send time. A burst lasts a few
+    // milliseconds, which one descheduling of the VM can double: rounds
+    // alternate raw and registry, and all rounds' samples are pooled.
+    let publisher = async_nats::connect(url).await?;
+    let subscriber = raw_client(url).await?;
+    let (mut raw, mut ours) = (Vec::new(), Vec::new());
+    for round in 0..BURST_ROUNDS {
+        let subject = format!("raw.prop.{round}");
+        let sub = subscriber.subscribe(subject.clone()).await?;
+        settled(&subscriber).await;
+        let mut sent = Vec::with_capacity(n);
+        let reader = arrivals(sub, n);
+        for _ in 0..n {
+            sent.push(Instant::now());
+            publisher.publish(subject.clone(), payload.clone()).await?;
+        }
+        publisher.flush().await?;
+        let arrived = reader.await??;
+        raw.extend(arrived.iter().zip(&sent).map(|(a, s)| *a - *s));
+        let name = format!("prop-burst-{round}");
+        ours.extend(registry_burst(|| Registry::builder().nats_url(url), &name, n).await?);
+    }
+    report("propagation burst", &mut ours, &mut raw);
     observer_burst(url, n).await
 }
+
+/// Bursts are measured this many times, alternating raw and registry.
+const BURST_ROUNDS: usize = 5;
 
 /// The observer side of a burst alone: one raw connection publishes `n`
 /// announcements at once, as fast as it can, to a raw subscriber and then to
@@ -206,75 +225,103 @@ async fn propagation(url: &str, n: usize) -> Result<(), Error> {
 /// for the same sender and sending rate.
 async fn observer_burst(url: &str, n: usize) -> Result<(), Error> {
     let publisher = async_nats::connect(url).await?;
-    let name = "prop-observer";
-    let payloads: Vec<Bytes> = (0..n)
-        .map(|i| {
-            Bytes::from(pubsub_registry::protocol::encode_announcement(
-                &Service::new(name, format!("10.1.{}.{}:80", i / 256, i % 256)),
-                pubsub_registry::Status::Passing,
-                std::time::SystemTime::now(),
-                Duration::from_secs(20),
-            ))
-        })
-        .collect();
+    let address = |i: usize| format!("10.1.{}.{}:80", i / 256, i % 256);
     // Sends `payloads` on `subject` in one go; returns each one's send time.
-    let send = |subject: String| {
-        let (publisher, payloads) = (publisher.clone(), payloads.clone());
-        async move {
-            let mut sent = Vec::with_capacity(payloads.len());
-            for p in payloads {
-                sent.push(Instant::now());
-                publisher.publish(subject.clone(), p).await?;
-            }
-            publisher.flush().await?;
-            Ok::<_, Error>(sent)
+    let send = async |subject: &str, payloads: &[Bytes]| {
+        let mut sent = Vec::with_capacity(payloads.len());
+        for p in payloads {
+            sent.push(Instant::now());
+            publisher.publish(subject.to_string(), p.clone()).await?;
         }
+        publisher.flush().await?;
+        Ok::<_, Error>(sent)
     };
-
     let subscriber = raw_client(url).await?;
-    let sub = subscriber.subscribe("raw.observer").await?;
-    settled(&subscriber).await;
-    let reader = arrivals(sub, n);
-    let sent = send("raw.observer".to_string()).await?;
-    let arrived = reader.await??;
-    let mut raw: Vec<Duration> = arrived.iter().zip(&sent).map(|(a, s)| *a - *s).collect();
+    let (mut raw, mut ours) = (Vec::new(), Vec::new());
+    for round in 0..BURST_ROUNDS {
+        let name = format!("prop-observer-{round}");
+        let payloads: Vec<Bytes> = (0..n)
+            .map(|i| {
+                Bytes::from(pubsub_registry::protocol::encode_announcement(
+                    &Service::new(&name, address(i)),
+                    pubsub_registry::Status::Passing,
+                    std::time::SystemTime::now(),
+                    Duration::from_secs(20),
+                ))
+            })
+            .collect();
 
-    let observer = Registry::builder()
-        .nats_url(url)
-        .event_capacity(n * 2)
-        .build()
-        .await?;
-    observer.observe(name).await?;
-    let events = observer.events_for(name);
-    let reader = event_arrivals(events, n);
-    let sent = send(format!("registry.register.{name}")).await?;
-    let index: HashMap<String, Instant> = (0..n)
-        .map(|i| (format!("10.1.{}.{}:80", i / 256, i % 256), sent[i]))
-        .collect();
-    let mut ours: Vec<Duration> = reader
-        .await??
-        .into_iter()
-        .map(|(a, t)| t - index[&a])
-        .collect();
+        let subject = format!("raw.observer.{round}");
+        let sub = subscriber.subscribe(subject.clone()).await?;
+        settled(&subscriber).await;
+        let reader = arrivals(sub, n);
+        let sent = send(&subject, &payloads).await?;
+        let arrived = reader.await??;
+        raw.extend(arrived.iter().zip(&sent).map(|(a, s)| *a - *s));
+
+        let observer = Registry::builder()
+            .nats_url(url)
+            .event_capacity(n * 2)
+            .build()
+            .await?;
+        observer.observe(&name).await?;
+        let reader = event_arrivals(observer.events_for(&name), n);
+        let sent = send(&format!("registry.register.{name}"), &payloads).await?;
+        let index: HashMap<String, Instant> = (0..n).map(|i| (address(i), sent[i])).collect();
+        ours.extend(reader.await??.into_iter().map(|(a, t)| t - index[&a]));
+        observer.close().await?;
+    }
     report(
         "propagation burst, observer side (same raw sender)",
         &mut ours,
         &mut raw,
     );
-    observer.close().await?;
     Ok(())
 }
 
-/// From `register` on one registry to the `Registered` event on another,
-/// `n` times, one at a time or all at once; both built by `builder`.
-async fn registry_propagation(
+/// `n` rounds of one raw message (`raw_once` times it) and one registration
+/// from one registry to the `Registered` event on another (both built by
+/// `builder`), each timed on its own. Returns (registry, raw).
+async fn paced(
     builder: impl Fn() -> pubsub_registry::RegistryBuilder,
     n: usize,
-    burst: bool,
+    mut raw_once: impl AsyncFnMut() -> Result<Duration, Error>,
+) -> Result<(Vec<Duration>, Vec<Duration>), Error> {
+    let server = builder().build().await?;
+    let observer = builder().build().await?;
+    let name = "prop-paced";
+    observer.observe(name).await?;
+    let mut events = observer.events_for(name);
+    // The first registration of a name also subscribes to its pings.
+    server.register(Service::new(name, "warm:1")).await?;
+    events.next().await;
+    let (mut ours, mut raw) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n {
+        raw.push(raw_once().await?);
+        let s = Instant::now();
+        server
+            .register(Service::new(
+                name,
+                format!("10.0.{}.{}:80", i / 256, i % 256),
+            ))
+            .await?;
+        events.next().await.ok_or("events ended")??;
+        ours.push(s.elapsed());
+    }
+    server.close().await?;
+    observer.close().await?;
+    Ok((ours, raw))
+}
+
+/// From `register` on one registry to the `Registered` event on another,
+/// `n` registrations of `name` at once; both built by `builder`.
+async fn registry_burst(
+    builder: impl Fn() -> pubsub_registry::RegistryBuilder,
+    name: &str,
+    n: usize,
 ) -> Result<Vec<Duration>, Error> {
     let server = builder().build().await?;
     let observer = builder().event_capacity(n * 2).build().await?;
-    let name = if burst { "prop-burst" } else { "prop-paced" };
     observer.observe(name).await?;
     let mut events = observer.events_for(name);
     // The first registration of a name also subscribes to its pings.
@@ -282,43 +329,35 @@ async fn registry_propagation(
     events.next().await;
     let mut ours = Vec::with_capacity(n);
     let address = |i: usize| format!("10.0.{}.{}:80", i / 256, i % 256);
-    if burst {
-        // Each event is timestamped as it arrives, by a reader task of its
-        // own, as for the raw baseline: the sending loop never delays it.
-        let reader = event_arrivals(events, n);
-        let services: Vec<Service> = (0..n).map(|i| Service::new(name, address(i))).collect();
-        let mut sent = Vec::with_capacity(n);
-        let started = Instant::now();
-        for svc in services {
-            sent.push(Instant::now());
-            server.register(svc).await?;
-        }
-        let registering = started.elapsed();
-        let index: HashMap<String, usize> = (0..n).map(|i| (address(i), i)).collect();
-        for (address, at) in reader.await?? {
-            if let Some(&i) = index.get(&address) {
-                ours.push(at - sent[i]);
-            }
-        }
-        println!(
-            "  ({n} register calls took {registering:?}; all events {:?} after the first call)",
-            started.elapsed()
-        );
-    } else {
-        for i in 0..n {
-            let s = Instant::now();
-            server.register(Service::new(name, address(i))).await?;
-            events.next().await.ok_or("events ended")??;
-            ours.push(s.elapsed());
+    // Each event is timestamped as it arrives, by a reader task of its own,
+    // as for the raw baseline: the sending loop never delays it.
+    let reader = event_arrivals(events, n);
+    let services: Vec<Service> = (0..n).map(|i| Service::new(name, address(i))).collect();
+    let mut sent = Vec::with_capacity(n);
+    let started = Instant::now();
+    for svc in services {
+        sent.push(Instant::now());
+        server.register(svc).await?;
+    }
+    let registering = started.elapsed();
+    let index: HashMap<String, usize> = (0..n).map(|i| (address(i), i)).collect();
+    for (address, at) in reader.await?? {
+        if let Some(&i) = index.get(&address) {
+            ours.push(at - sent[i]);
         }
     }
+    println!(
+        "  ({n} register calls took {registering:?}; all events {:?} after the first call)",
+        started.elapsed()
+    );
     server.close().await?;
     observer.close().await?;
     Ok(ours)
 }
 
 /// A client with an empty cache finding a service that answers pings,
-/// against a raw request/reply round trip.
+/// against a raw request/reply round trip. Samples alternate raw and
+/// registry, one of each per round.
 async fn cold(url: &str, n: usize) -> Result<(), Error> {
     let responder = async_nats::connect(url).await?;
     let mut requests = responder.subscribe("raw.cold").await?;
@@ -332,14 +371,6 @@ async fn cold(url: &str, n: usize) -> Result<(), Error> {
         }
     });
     let requester = async_nats::connect(url).await?;
-    let mut raw = Vec::with_capacity(n);
-    for _ in 0..n {
-        let s = Instant::now();
-        requester
-            .request("raw.cold", Bytes::from_static(b"{}"))
-            .await?;
-        raw.push(s.elapsed());
-    }
 
     // One name per lookup: each instance answers pings for a name once per
     // 50 ms at most, so lookups of one name in quick succession would
@@ -351,13 +382,23 @@ async fn cold(url: &str, n: usize) -> Result<(), Error> {
             .await?;
     }
     let shared: Arc<dyn Transport> = nats(url).await?;
-    let mut ours = Vec::with_capacity(n);
+    let (mut raw, mut ours) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for i in 0..n {
         let client = Registry::builder()
             .transport(shared.clone())
             .timeout(Duration::from_secs(5))
             .build()
             .await?;
+        // Both samples start from the same quiet point: what building and
+        // closing set off is over.
+        settled(&requester).await;
+        shared.flush().await?;
+        let s = Instant::now();
+        requester
+            .request("raw.cold", Bytes::from_static(b"{}"))
+            .await?;
+        raw.push(s.elapsed());
+
         let name = format!("cold-{i}");
         let s = Instant::now();
         client.get_service(&name).await?;
@@ -709,47 +750,51 @@ mod redis {
     pub async fn propagation(n: usize) -> Result<(), Error> {
         let server = registry_harness::RedisServer::start()?;
         let url = server.url();
-        for burst in [false, true] {
-            let mode = if burst { "burst" } else { "paced" };
-            let client = ::redis::Client::open(url.as_str())?;
+        let client = ::redis::Client::open(url.as_str())?;
+        let payload = vec![b'x'; 200];
+        let builder = || Registry::builder().redis_url(&url);
+        {
             let mut publisher = client.get_multiplexed_async_connection().await?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe("raw.prop").await?;
             let mut messages = pubsub.into_on_message();
-            let payload = vec![b'x'; 200];
-            let mut raw = Vec::with_capacity(n);
-            if burst {
-                // Arrivals timestamped by a reader task of their own.
-                let reader = arrivals(messages, n);
-                let mut sent = Vec::with_capacity(n);
-                for _ in 0..n {
-                    sent.push(Instant::now());
-                    let _: () = ::redis::cmd("PUBLISH")
-                        .arg("raw.prop")
-                        .arg(&payload)
-                        .query_async(&mut publisher)
-                        .await?;
-                }
-                let arrived = reader.await??;
-                raw.extend(arrived.iter().zip(&sent).map(|(a, s)| *a - *s));
-            } else {
-                for _ in 0..n {
-                    let s = Instant::now();
-                    let _: () = ::redis::cmd("PUBLISH")
-                        .arg("raw.prop")
-                        .arg(&payload)
-                        .query_async(&mut publisher)
-                        .await?;
-                    messages.next().await.ok_or("ended")?;
-                    raw.push(s.elapsed());
-                }
-                drop(messages);
-            }
-
-            let mut ours =
-                registry_propagation(|| Registry::builder().redis_url(&url), n, burst).await?;
-            report(&format!("redis propagation {mode}"), &mut ours, &mut raw);
+            let raw_once = async || {
+                let s = Instant::now();
+                let _: () = ::redis::cmd("PUBLISH")
+                    .arg("raw.prop")
+                    .arg(&payload)
+                    .query_async(&mut publisher)
+                    .await?;
+                messages.next().await.ok_or("ended")?;
+                Ok(s.elapsed())
+            };
+            let (mut ours, mut raw) = paced(builder, n, raw_once).await?;
+            report("redis propagation paced", &mut ours, &mut raw);
         }
+
+        let mut publisher = client.get_multiplexed_async_connection().await?;
+        let (mut raw, mut ours) = (Vec::new(), Vec::new());
+        for round in 0..BURST_ROUNDS {
+            let subject = format!("raw.prop.{round}");
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&subject).await?;
+            // Arrivals timestamped by a reader task of their own.
+            let reader = arrivals(pubsub.into_on_message(), n);
+            let mut sent = Vec::with_capacity(n);
+            for _ in 0..n {
+                sent.push(Instant::now());
+                let _: () = ::redis::cmd("PUBLISH")
+                    .arg(&subject)
+                    .arg(&payload)
+                    .query_async(&mut publisher)
+                    .await?;
+            }
+            let arrived = reader.await??;
+            raw.extend(arrived.iter().zip(&sent).map(|(a, s)| *a - *s));
+            let name = format!("prop-burst-{round}");
+            ours.extend(registry_burst(builder, &name, n).await?);
+        }
+        report("redis propagation burst", &mut ours, &mut raw);
         Ok(())
     }
 }
