@@ -94,12 +94,12 @@ async fn main() -> Result<(), Error> {
     for s in &scenarios {
         match s.as_str() {
             "propagation" => propagation(&url, args.count.unwrap_or(2000)).await?,
-            "cold" => cold(&url, args.count.unwrap_or(1000)).await?,
+            "cold" => cold(&url, args.count.unwrap_or(1000), "cold lookup").await?,
             // The same from a task on the runtime's workers, as a service's
             // request handler would look up: no wake-up of the main thread.
             "cold-task" => {
                 let (url, n) = (url.clone(), args.count.unwrap_or(1000));
-                tokio::spawn(async move { cold(&url, n).await }).await??
+                tokio::spawn(async move { cold(&url, n, "cold lookup, in a task").await }).await??
             }
             "observer-burst" => observer_burst(&url, args.count.unwrap_or(2000)).await?,
             "ingest" => {
@@ -358,7 +358,7 @@ async fn registry_burst(
 /// A client with an empty cache finding a service that answers pings,
 /// against a raw request/reply round trip. Samples alternate raw and
 /// registry, one of each per round.
-async fn cold(url: &str, n: usize) -> Result<(), Error> {
+async fn cold(url: &str, n: usize, what: &str) -> Result<(), Error> {
     let responder = async_nats::connect(url).await?;
     let mut requests = responder.subscribe("raw.cold").await?;
     settled(&responder).await;
@@ -405,7 +405,7 @@ async fn cold(url: &str, n: usize) -> Result<(), Error> {
         ours.push(s.elapsed());
         client.close().await?;
     }
-    report("cold lookup", &mut ours, &mut raw);
+    report(what, &mut ours, &mut raw);
     server.close().await?;
     Ok(())
 }

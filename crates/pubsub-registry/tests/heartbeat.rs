@@ -31,6 +31,19 @@ async fn listen(bus: &MemoryBus) -> Heard {
     heard
 }
 
+/// A registry with a 1 s interval on a bus of its own, and what it sends.
+async fn registry() -> (Registry, Heard) {
+    let bus = MemoryBus::new();
+    let heard = listen(&bus).await;
+    let registry = Registry::builder()
+        .memory(&bus)
+        .register_interval(Duration::from_secs(1))
+        .build()
+        .await
+        .unwrap();
+    (registry, heard)
+}
+
 fn count(heard: &Heard, address: &str, from: Instant, to: Instant) -> usize {
     heard
         .lock()
@@ -42,15 +55,8 @@ fn count(heard: &Heard, address: &str, from: Instant, to: Instant) -> usize {
 
 #[tokio::test(start_paused = true)]
 async fn one_heartbeat_per_interval_per_registration() {
-    let bus = MemoryBus::new();
-    let heard = listen(&bus).await;
+    let (registry, heard) = registry().await;
     let second = Duration::from_secs(1);
-    let registry = Registry::builder()
-        .memory(&bus)
-        .register_interval(second)
-        .build()
-        .await
-        .unwrap();
     let start = Instant::now();
     for address in ["a:1", "b:1", "gone:1", "again:1"] {
         registry
@@ -95,15 +101,8 @@ async fn one_heartbeat_per_interval_per_registration() {
 
 #[tokio::test(start_paused = true)]
 async fn heartbeats_spread_over_the_interval() {
-    let bus = MemoryBus::new();
-    let heard = listen(&bus).await;
+    let (registry, heard) = registry().await;
     let second = Duration::from_secs(1);
-    let registry = Registry::builder()
-        .memory(&bus)
-        .register_interval(second)
-        .build()
-        .await
-        .unwrap();
     let n = 1000;
     for i in 0..n {
         registry
