@@ -581,15 +581,21 @@ fn event_arrivals(
     n: usize,
 ) -> tokio::task::JoinHandle<Result<Vec<(String, Instant)>, Error>> {
     tokio::spawn(async move {
+        // The instance is kept as it arrives (a reference count) and its
+        // address copied out after the last one: the timed loop does no
+        // more than the raw reader's.
         let mut at = Vec::with_capacity(n);
         while at.len() < n {
             match tokio::time::timeout(ARRIVAL_DEADLINE, events.next()).await {
-                Ok(Some(ev)) => at.push((ev?.instance.address().to_string(), Instant::now())),
+                Ok(Some(ev)) => at.push((ev?.instance, Instant::now())),
                 Ok(None) => return Err("events ended".into()),
                 Err(_) => return Err(format!("{} of {n} events lost", n - at.len()).into()),
             }
         }
-        Ok(at)
+        Ok(at
+            .into_iter()
+            .map(|(i, t)| (i.address().to_string(), t))
+            .collect())
     })
 }
 
