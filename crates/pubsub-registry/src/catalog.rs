@@ -70,8 +70,30 @@ pub(crate) struct Catalog {
 struct Writer {
     names: HashMap<Arc<str>, NameState, Hasher>,
     heap: BinaryHeap<Reverse<Due>>,
+    /// Instances tracked (slots in all names).
+    live: usize,
     /// Names changed since the last commit.
     dirty: Vec<Arc<str>>,
+}
+
+impl Writer {
+    /// Drops the heap entries of instances removed since (and entries an
+    /// earlier one replaced), once they outnumber the live instances:
+    /// announcements and unregisters of ever new addresses, or of ever
+    /// shorter intervals, must not grow the heap until their entries come
+    /// due (a day, for an interval that claims it).
+    fn forget_stale_dues(&mut self) {
+        if self.heap.len() <= 2 * self.live + 1024 {
+            return;
+        }
+        let names = &self.names;
+        self.heap.retain(|Reverse(d)| {
+            names
+                .get(&d.name)
+                .and_then(|s| s.slots.get(&d.address))
+                .is_some_and(|slot| slot.scheduled == d.at)
+        });
+    }
 }
 
 struct NameState {
@@ -338,6 +360,7 @@ impl Catalog {
                 let instance = Arc::new(Instance::new(service, status, interval, sent, batch.wall));
                 let added = instance.clone();
                 let pos = state.change(&mut w.dirty, move |v| v.push(added));
+                w.live += 1;
                 state.slots.insert(
                     address.clone(),
                     Slot {
@@ -362,6 +385,7 @@ impl Catalog {
         if let Some(d) = push {
             let earliest = w.heap.peek().is_none_or(|Reverse(top)| d.at < top.at);
             w.heap.push(Reverse(d));
+            w.forget_stale_dues();
             if earliest {
                 self.timer.notify_one();
             }
@@ -372,6 +396,8 @@ impl Catalog {
     fn remove_in(w: &mut Writer, name: &str, address: &str) -> Option<Event> {
         let state = w.names.get_mut(name)?;
         let slot = state.remove(&mut w.dirty, address)?;
+        w.live -= 1;
+        w.forget_stale_dues();
         Some(Event {
             kind: EventKind::Unregistered,
             instance: slot.instance,
@@ -420,6 +446,7 @@ impl Catalog {
                 continue;
             }
             if let Some(slot) = state.remove(&mut w.dirty, &d.address) {
+                w.live -= 1;
                 events.push(Event {
                     kind: EventKind::Expired,
                     instance: slot.instance,
@@ -432,7 +459,7 @@ impl Catalog {
 
     /// Number of instances tracked.
     pub(crate) fn len(&self) -> usize {
-        self.lock().names.values().map(|s| s.slots.len()).sum()
+        self.lock().live
     }
 
     fn state<'w>(
@@ -775,5 +802,39 @@ mod tests {
         let (events, _) = c.expire(Instant::now());
         assert_eq!(events.len(), model.len());
         assert!(check_positions(&c, "n").is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn churn_does_not_grow_the_expiry_heap() {
+        let c = Catalog::new();
+        let hour = Duration::from_secs(3600);
+        c.announce(svc("n", "kept:1"), Status::Passing, hour, 1.5, None);
+        // New addresses, each gone at once; then one address announcing
+        // ever shorter intervals (each pushes an earlier entry).
+        for i in 0..5000 {
+            let address = format!("h:{i}");
+            c.announce(svc("n", &address), Status::Passing, hour, 1.5, None);
+            c.remove("n", &address).unwrap();
+        }
+        for i in 0..5000 {
+            let interval = hour - Duration::from_millis(i);
+            c.announce(
+                svc("n", "shrinking:1"),
+                Status::Passing,
+                interval,
+                1.5,
+                None,
+            );
+        }
+        let (live, entries) = {
+            let w = c.lock();
+            (w.live, w.heap.len())
+        };
+        assert_eq!(live, 2);
+        assert!(entries <= 2 * live + 1024 + 1, "{entries} entries");
+        // What is left still expires both.
+        tokio::time::advance(hour * 2).await;
+        assert_eq!(c.expire(Instant::now()).0.len(), 2);
+        assert_eq!(c.len(), 0);
     }
 }

@@ -473,6 +473,20 @@ struct Own {
     last_beat: u64,
 }
 
+impl Own {
+    /// Drops the heartbeat entries of services unregistered since, once
+    /// they outnumber the live ones: a service registered and unregistered
+    /// in a loop must not grow the heap until its entries come due.
+    fn forget_stale_beats(&mut self) {
+        if self.beats.len() <= 2 * self.services.len() + 1024 {
+            return;
+        }
+        let services = &self.services;
+        self.beats
+            .retain(|Reverse(b)| services.get(&b.key).is_some_and(|r| r.beat == b.id));
+    }
+}
+
 struct Registered {
     service: Service,
     status: Status,
@@ -649,6 +663,7 @@ impl Registry {
                     p.listener.abort();
                 }
             }
+            own.forget_stale_beats();
             removed
         };
         let Some(removed) = removed else {
@@ -1574,4 +1589,31 @@ async fn follow_reconnects(mut reconnects: tokio::sync::watch::Receiver<u64>, in
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing here leaves the guarded state half-changed across a panic.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn churn_does_not_grow_the_heartbeat_heap() {
+        let bus = MemoryBus::new();
+        let registry = Registry::builder().memory(&bus).build().await.unwrap();
+        let kept = Service::new("churn", "kept:1");
+        registry.register(kept.clone()).await.unwrap();
+        for i in 0..5000 {
+            let s = Service::new("churn", format!("10.0.{}.{}:1", i / 256, i % 256));
+            registry.register(s.clone()).await.unwrap();
+            registry.unregister(&s).await.unwrap();
+        }
+        let own = lock(&registry.inner.own);
+        assert!(
+            own.beats.len() <= 2 * own.services.len() + 1024 + 1,
+            "{}",
+            own.beats.len()
+        );
+        // The live registration kept its entry.
+        let live = own.services[&(kept.name.clone(), kept.address.clone())].beat;
+        assert!(own.beats.iter().any(|Reverse(b)| b.id == live));
+    }
 }
