@@ -592,42 +592,18 @@ impl Registry {
         if service.host.is_empty() {
             service.host = inner.opts.host.as_str().into();
         }
-        inner.answer_pings(&service.name).await?;
-        let key = (service.name.clone(), service.address.clone());
-        let status = {
-            let mut own = lock(&inner.own);
-            match own.services.get_mut(&key) {
-                Some(r) => {
-                    r.service = service.clone();
-                    r.status
-                }
-                None => {
-                    own.last_beat += 1;
-                    let id = own.last_beat;
-                    let at = Instant::now() + phase(&key, inner.opts.register_interval);
-                    let earliest = own.beats.peek().is_none_or(|Reverse(b)| at < b.at);
-                    own.beats.push(Reverse(Beat {
-                        at,
-                        id,
-                        key: key.clone(),
-                    }));
-                    if earliest {
-                        inner.beat_timer.notify_one();
-                    }
-                    if let Some(p) = own.pings.get_mut(key.0.as_str()) {
-                        p.keys.push(key.clone());
-                    }
-                    own.services.insert(
-                        key,
-                        Registered {
-                            service: service.clone(),
-                            status: Status::Passing,
-                            beat: id,
-                        },
-                    );
-                    Status::Passing
+        // Recorded under the same lock as the check that pings for the name
+        // are answered: an unregister of the name's last other service in
+        // between would take the ping subscription away (then subscribe
+        // again and retry).
+        let status = loop {
+            {
+                let mut own = lock(&inner.own);
+                if own.ping_all.is_some() && own.pings.contains_key(service.name.as_str()) {
+                    break inner.record(&mut own, &service);
                 }
             }
+            inner.answer_pings(&service.name).await?;
         };
         // Kept even if the broker is away: heartbeats and the reconnection
         // handler announce it when the link is back.
@@ -1373,6 +1349,41 @@ impl Inner {
             }
         }
         let _ = self.events.send(event);
+    }
+
+    /// Keeps a registration: its details, status and heartbeat schedule.
+    /// Registering the same name and address again replaces the details
+    /// and keeps the status and the schedule.
+    fn record(&self, own: &mut Own, service: &Service) -> Status {
+        let key = (service.name.clone(), service.address.clone());
+        if let Some(r) = own.services.get_mut(&key) {
+            r.service = service.clone();
+            return r.status;
+        }
+        own.last_beat += 1;
+        let id = own.last_beat;
+        let at = Instant::now() + phase(&key, self.opts.register_interval);
+        let earliest = own.beats.peek().is_none_or(|Reverse(b)| at < b.at);
+        own.beats.push(Reverse(Beat {
+            at,
+            id,
+            key: key.clone(),
+        }));
+        if earliest {
+            self.beat_timer.notify_one();
+        }
+        if let Some(p) = own.pings.get_mut(key.0.as_str()) {
+            p.keys.push(key.clone());
+        }
+        own.services.insert(
+            key,
+            Registered {
+                service: service.clone(),
+                status: Status::Passing,
+                beat: id,
+            },
+        );
+        Status::Passing
     }
 
     /// The registrations whose heartbeat is due by `now`, each scheduled
