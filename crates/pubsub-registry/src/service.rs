@@ -700,6 +700,62 @@ mod tests {
     }
 
     #[test]
+    fn instances_over_several_chunks_read_as_one_sequence() {
+        let all: Vec<Arc<Instance>> = (0..CHUNK * 2 + 5)
+            .map(|i| {
+                let s = Service::new("api", format!("10.0.0.{i}:80"));
+                Arc::new(Instance::new(
+                    s,
+                    Status::Passing,
+                    Duration::from_secs(1),
+                    None,
+                    SystemTime::now(),
+                ))
+            })
+            .collect();
+        let instances: Instances = all.clone().into();
+        assert_eq!(instances.len(), all.len());
+        assert_eq!(instances.0.chunks().len(), 3);
+        assert_eq!(instances.iter().len(), all.len());
+        assert!(instances.iter().zip(&all).all(|(a, b)| Arc::ptr_eq(a, b)));
+        assert!(Arc::ptr_eq(&instances[CHUNK + 1], &all[CHUNK + 1]));
+        assert!(Arc::ptr_eq(instances.first().unwrap(), &all[0]));
+        assert!(instances.get(all.len()).is_none());
+        assert_eq!(instances.to_vec().len(), all.len());
+        assert!(instances.ptr_eq(&instances.clone()));
+        assert!(!instances.ptr_eq(&all.into()));
+        assert!(Instances::default().is_empty());
+    }
+
+    #[test]
+    fn swap_remove_keeps_every_chunk_but_the_last_full() {
+        let mut c = Chunks::default();
+        let make = |i: usize| {
+            let s = Service::new("api", format!("h:{i}"));
+            Arc::new(Instance::new(
+                s,
+                Status::Passing,
+                Duration::from_secs(1),
+                None,
+                SystemTime::now(),
+            ))
+        };
+        for i in 0..CHUNK + 1 {
+            assert_eq!(c.push(make(i)), i);
+        }
+        // The last moves into the hole; the emptied last chunk goes.
+        let moved = c.swap_remove(3).unwrap();
+        assert_eq!(moved.address(), format!("h:{CHUNK}"));
+        assert_eq!(c.chunks().len(), 1);
+        assert_eq!(c[3].address(), format!("h:{CHUNK}"));
+        // Removing the last one moves nothing; out of range removes nothing.
+        assert!(c.swap_remove(c.len() - 1).is_none());
+        assert!(c.swap_remove(c.len()).is_none());
+        assert_eq!(c.len(), CHUNK - 1);
+        assert!(c.chunks().iter().all(|chunk| chunk.len() <= CHUNK));
+    }
+
+    #[test]
     fn short_fields_are_stored_inline() {
         let svc = Service::new("billing", "10.0.0.7:8080").with_url("http://10.0.0.7:8080/");
         assert!(!svc.name.is_heap_allocated());
