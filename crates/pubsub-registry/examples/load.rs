@@ -193,20 +193,11 @@ async fn propagation(url: &str, n: usize) -> Result<(), Error> {
     // alternate raw and registry, and all rounds' samples are pooled.
     let publisher = async_nats::connect(url).await?;
     let subscriber = raw_client(url).await?;
+    let payloads = vec![payload; n];
     let (mut raw, mut ours) = (Vec::new(), Vec::new());
     for round in 0..BURST_ROUNDS {
         let subject = format!("raw.prop.{round}");
-        let sub = subscriber.subscribe(subject.clone()).await?;
-        settled(&subscriber).await;
-        let mut sent = Vec::with_capacity(n);
-        let reader = arrivals(sub, n);
-        for _ in 0..n {
-            sent.push(Instant::now());
-            publisher.publish(subject.clone(), payload.clone()).await?;
-        }
-        publisher.flush().await?;
-        let arrived = reader.await??;
-        raw.extend(arrived.iter().zip(&sent).map(|(a, s)| *a - *s));
+        raw.extend(raw_burst(&publisher, &subscriber, subject, &payloads).await?);
         let name = format!("prop-burst-{round}");
         ours.extend(registry_burst(|| Registry::builder().nats_url(url), &name, n).await?);
     }
@@ -217,6 +208,37 @@ async fn propagation(url: &str, n: usize) -> Result<(), Error> {
 /// Bursts are measured this many times, alternating raw and registry.
 const BURST_ROUNDS: usize = 5;
 
+/// One raw burst: `payloads` published on `subject` at once; each one's
+/// latency is its arrival at a reader task of its own minus its send time.
+async fn raw_burst(
+    publisher: &async_nats::Client,
+    subscriber: &async_nats::Client,
+    subject: String,
+    payloads: &[Bytes],
+) -> Result<Vec<Duration>, Error> {
+    let sub = subscriber.subscribe(subject.clone()).await?;
+    settled(subscriber).await;
+    let reader = arrivals(sub, payloads.len());
+    let sent = send_all(publisher, &subject, payloads).await?;
+    let arrived = reader.await??;
+    Ok(arrived.iter().zip(&sent).map(|(a, s)| *a - *s).collect())
+}
+
+/// Publishes `payloads` on `subject` in one go; returns each one's send time.
+async fn send_all(
+    publisher: &async_nats::Client,
+    subject: &str,
+    payloads: &[Bytes],
+) -> Result<Vec<Instant>, Error> {
+    let mut sent = Vec::with_capacity(payloads.len());
+    for p in payloads {
+        sent.push(Instant::now());
+        publisher.publish(subject.to_string(), p.clone()).await?;
+    }
+    publisher.flush().await?;
+    Ok(sent)
+}
+
 /// The observer side of a burst alone: one raw connection publishes `n`
 /// announcements at once, as fast as it can, to a raw subscriber and then to
 /// a registry observer. Each arrival is timestamped as it is read, by a task
@@ -226,16 +248,6 @@ const BURST_ROUNDS: usize = 5;
 async fn observer_burst(url: &str, n: usize) -> Result<(), Error> {
     let publisher = async_nats::connect(url).await?;
     let address = |i: usize| format!("10.1.{}.{}:80", i / 256, i % 256);
-    // Sends `payloads` on `subject` in one go; returns each one's send time.
-    let send = async |subject: &str, payloads: &[Bytes]| {
-        let mut sent = Vec::with_capacity(payloads.len());
-        for p in payloads {
-            sent.push(Instant::now());
-            publisher.publish(subject.to_string(), p.clone()).await?;
-        }
-        publisher.flush().await?;
-        Ok::<_, Error>(sent)
-    };
     let subscriber = raw_client(url).await?;
     let (mut raw, mut ours) = (Vec::new(), Vec::new());
     for round in 0..BURST_ROUNDS {
@@ -252,12 +264,7 @@ async fn observer_burst(url: &str, n: usize) -> Result<(), Error> {
             .collect();
 
         let subject = format!("raw.observer.{round}");
-        let sub = subscriber.subscribe(subject.clone()).await?;
-        settled(&subscriber).await;
-        let reader = arrivals(sub, n);
-        let sent = send(&subject, &payloads).await?;
-        let arrived = reader.await??;
-        raw.extend(arrived.iter().zip(&sent).map(|(a, s)| *a - *s));
+        raw.extend(raw_burst(&publisher, &subscriber, subject, &payloads).await?);
 
         let observer = Registry::builder()
             .nats_url(url)
@@ -266,7 +273,7 @@ async fn observer_burst(url: &str, n: usize) -> Result<(), Error> {
             .await?;
         observer.observe(&name).await?;
         let reader = event_arrivals(observer.events_for(&name), n);
-        let sent = send(&format!("registry.register.{name}"), &payloads).await?;
+        let sent = send_all(&publisher, &format!("registry.register.{name}"), &payloads).await?;
         let index: HashMap<String, Instant> = (0..n).map(|i| (address(i), sent[i])).collect();
         ours.extend(reader.await??.into_iter().map(|(a, t)| t - index[&a]));
         observer.close().await?;

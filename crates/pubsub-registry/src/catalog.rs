@@ -20,8 +20,7 @@
 //! due, not to what is tracked.
 
 use std::cell::RefCell;
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,6 +30,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::due::DueHeap;
 use crate::event::{Event, EventKind};
 use crate::service::{Chunks, CompactString, Instance, Service, Status};
 
@@ -69,7 +69,7 @@ pub(crate) struct Catalog {
 #[derive(Default)]
 struct Writer {
     names: HashMap<Arc<str>, NameState, Hasher>,
-    heap: BinaryHeap<Reverse<Due>>,
+    heap: DueHeap<Due>,
     /// Instances tracked (slots in all names).
     live: usize,
     /// Names changed since the last commit.
@@ -77,21 +77,26 @@ struct Writer {
 }
 
 impl Writer {
+    /// Drops an instance from its name's slots, its next snapshot and the
+    /// count of instances.
+    fn remove(&mut self, name: &str, address: &str) -> Option<Slot> {
+        let slot = self.names.get_mut(name)?.remove(&mut self.dirty, address)?;
+        self.live -= 1;
+        Some(slot)
+    }
+
     /// Drops the heap entries of instances removed since (and entries an
-    /// earlier one replaced), once they outnumber the live instances:
+    /// earlier one replaced) once they outnumber the live instances:
     /// announcements and unregisters of ever new addresses, or of ever
     /// shorter intervals, must not grow the heap until their entries come
     /// due (a day, for an interval that claims it).
     fn forget_stale_dues(&mut self) {
-        if self.heap.len() <= 2 * self.live + 1024 {
-            return;
-        }
         let names = &self.names;
-        self.heap.retain(|Reverse(d)| {
+        self.heap.compact(self.live, |at, d| {
             names
                 .get(&d.name)
                 .and_then(|s| s.slots.get(&d.address))
-                .is_some_and(|slot| slot.scheduled == d.at)
+                .is_some_and(|slot| slot.scheduled == at)
         });
     }
 }
@@ -138,9 +143,9 @@ struct Slot {
     scheduled: Instant,
 }
 
+/// What an expiry heap entry is for.
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
 struct Due {
-    at: Instant,
     name: Arc<str>,
     address: CompactString,
 }
@@ -234,7 +239,7 @@ impl Catalog {
             .names
             .pin()
             .iter()
-            .filter(|(_, e)| e.instances.load().len() > 0)
+            .filter(|(_, e)| !e.instances.load().is_empty())
             .map(|(n, _)| n.to_string())
             .collect();
         names.sort();
@@ -332,7 +337,6 @@ impl Catalog {
                 let push = (due < slot.scheduled).then(|| {
                     slot.scheduled = due;
                     Due {
-                        at: due,
                         name: state.name.clone(),
                         address: service.address.clone(),
                     }
@@ -371,7 +375,6 @@ impl Catalog {
                     },
                 );
                 let push = Due {
-                    at: due,
                     name: state.name.clone(),
                     address,
                 };
@@ -383,20 +386,16 @@ impl Catalog {
             }
         };
         if let Some(d) = push {
-            let earliest = w.heap.peek().is_none_or(|Reverse(top)| d.at < top.at);
-            w.heap.push(Reverse(d));
-            w.forget_stale_dues();
-            if earliest {
+            if w.heap.push(due, d) {
                 self.timer.notify_one();
             }
+            w.forget_stale_dues();
         }
         event
     }
 
     fn remove_in(w: &mut Writer, name: &str, address: &str) -> Option<Event> {
-        let state = w.names.get_mut(name)?;
-        let slot = state.remove(&mut w.dirty, address)?;
-        w.live -= 1;
+        let slot = w.remove(name, address)?;
         w.forget_stale_dues();
         Some(Event {
             kind: EventKind::Unregistered,
@@ -423,13 +422,7 @@ impl Catalog {
         let mut guard = self.lock();
         let w = &mut *guard;
         let mut events = Vec::new();
-        while let Some(Reverse(top)) = w.heap.peek() {
-            if top.at > now {
-                break;
-            }
-            let Some(Reverse(d)) = w.heap.pop() else {
-                break;
-            };
+        while let Some((at, d)) = w.heap.pop_due(now) {
             self.expiry_checks.fetch_add(1, Ordering::Relaxed);
             let Some(state) = w.names.get_mut(&d.name) else {
                 continue;
@@ -437,16 +430,15 @@ impl Catalog {
             let Some(slot) = state.slots.get_mut(&d.address) else {
                 continue; // removed since
             };
-            if slot.scheduled != d.at {
+            if slot.scheduled != at {
                 continue; // a stale extra entry
             }
             if slot.due > now {
                 slot.scheduled = slot.due;
-                w.heap.push(Reverse(Due { at: slot.due, ..d }));
+                w.heap.push(slot.due, d);
                 continue;
             }
-            if let Some(slot) = state.remove(&mut w.dirty, &d.address) {
-                w.live -= 1;
+            if let Some(slot) = w.remove(&d.name, &d.address) {
                 events.push(Event {
                     kind: EventKind::Expired,
                     instance: slot.instance,
@@ -454,7 +446,7 @@ impl Catalog {
             }
         }
         self.commit(w);
-        (events, w.heap.peek().map(|Reverse(d)| d.at))
+        (events, w.heap.next())
     }
 
     /// Number of instances tracked.

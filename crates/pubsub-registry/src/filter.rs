@@ -113,7 +113,7 @@ impl Chain<'_> {
         }
         if self.all().all(|f| matches!(f.0, Rule::RoundRobin)) {
             // Nothing to filter: the turn indexes the snapshot directly.
-            if instances.len() == 0 {
+            if instances.is_empty() {
                 return None;
             }
             let n = turn.fetch_add(1, Ordering::Relaxed) % instances.len();

@@ -42,6 +42,7 @@
 
 mod catalog;
 mod default;
+mod due;
 pub mod error;
 pub mod event;
 pub mod filter;

@@ -6,8 +6,7 @@
 //! [`catalog`](crate::catalog) takes it in, and the change goes out as an
 //! [`Event`] to the callback and the event streams; lookups read the catalog.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -24,6 +23,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::catalog::{Catalog, Change, Snapshot};
+use crate::due::{self, DueHeap};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventStream};
 use crate::filter::{Chain, Filter, ObserveFilter};
@@ -467,7 +467,7 @@ struct Own {
     /// Heartbeats by due time, one entry per registration, all sent by one
     /// task: a registration costs a heap push, not a task and a timer. An
     /// unregistered service's entry is dropped when it comes up.
-    beats: BinaryHeap<Reverse<Beat>>,
+    beats: DueHeap<Beat>,
     /// Tells a registration's heap entry from one of an earlier
     /// registration of the same name and address.
     last_beat: u64,
@@ -478,12 +478,10 @@ impl Own {
     /// they outnumber the live ones: a service registered and unregistered
     /// in a loop must not grow the heap until its entries come due.
     fn forget_stale_beats(&mut self) {
-        if self.beats.len() <= 2 * self.services.len() + 1024 {
-            return;
-        }
         let services = &self.services;
-        self.beats
-            .retain(|Reverse(b)| services.get(&b.key).is_some_and(|r| r.beat == b.id));
+        self.beats.compact(services.len(), |_, b| {
+            services.get(&b.key).is_some_and(|r| r.beat == b.id)
+        });
     }
 }
 
@@ -494,9 +492,9 @@ struct Registered {
     beat: u64,
 }
 
+/// A heartbeat heap entry: which registration it is for.
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
 struct Beat {
-    at: Instant,
     id: u64,
     key: Key,
 }
@@ -1363,13 +1361,13 @@ impl Inner {
         own.last_beat += 1;
         let id = own.last_beat;
         let at = Instant::now() + phase(&key, self.opts.register_interval);
-        let earliest = own.beats.peek().is_none_or(|Reverse(b)| at < b.at);
-        own.beats.push(Reverse(Beat {
+        if own.beats.push(
             at,
-            id,
-            key: key.clone(),
-        }));
-        if earliest {
+            Beat {
+                id,
+                key: key.clone(),
+            },
+        ) {
             self.beat_timer.notify_one();
         }
         if let Some(p) = own.pings.get_mut(key.0.as_str()) {
@@ -1394,13 +1392,7 @@ impl Inner {
         let mut own = lock(&self.own);
         let own = &mut *own;
         let mut due = Vec::new();
-        while let Some(Reverse(top)) = own.beats.peek() {
-            if top.at > now {
-                break;
-            }
-            let Some(Reverse(beat)) = own.beats.pop() else {
-                break;
-            };
+        while let Some((was, beat)) = own.beats.pop_due(now) {
             let Some(r) = own.services.get(&beat.key) else {
                 continue; // unregistered since
             };
@@ -1408,15 +1400,15 @@ impl Inner {
                 continue; // an earlier registration's entry
             }
             due.push((r.service.clone(), r.status));
-            let on_time = beat.at + interval;
+            let on_time = was + interval;
             let at = if on_time > now {
                 on_time
             } else {
                 now + interval
             };
-            own.beats.push(Reverse(Beat { at, ..beat }));
+            own.beats.push(at, beat);
         }
-        (due, own.beats.peek().map(|Reverse(b)| b.at))
+        (due, own.beats.next())
     }
 
     async fn ping(&self, name: &str) -> Result<()> {
@@ -1555,15 +1547,7 @@ async fn heartbeats(timer: Arc<Notify>, inner: Weak<Inner>) {
             }
             next
         };
-        match next {
-            Some(at) => {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(at) => {}
-                    _ = timer.notified() => {}
-                }
-            }
-            None => timer.notified().await,
-        }
+        due::wait(next, &timer).await;
     }
 }
 
@@ -1576,15 +1560,7 @@ async fn expire(catalog: Arc<Catalog>, inner: Weak<Inner>) {
                 inner.emit(event);
             }
         }
-        match next {
-            Some(at) => {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(at) => {}
-                    _ = catalog.timer.notified() => {}
-                }
-            }
-            None => catalog.timer.notified().await,
-        }
+        due::wait(next, &catalog.timer).await;
     }
 }
 
@@ -1625,6 +1601,6 @@ mod tests {
         );
         // The live registration kept its entry.
         let live = own.services[&(kept.name.clone(), kept.address.clone())].beat;
-        assert!(own.beats.iter().any(|Reverse(b)| b.id == live));
+        assert!(own.beats.items().any(|b| b.id == live));
     }
 }

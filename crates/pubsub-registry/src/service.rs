@@ -482,6 +482,11 @@ impl Chunks {
     }
 
     #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    #[inline]
     pub(crate) fn get(&self, i: usize) -> Option<&Arc<Instance>> {
         self.chunks.get(i / CHUNK)?.get(i % CHUNK)
     }
@@ -565,7 +570,7 @@ impl Instances {
     /// Whether there are none.
     #[inline]
     pub fn is_empty(&self) -> bool {
-        self.0.len() == 0
+        self.0.is_empty()
     }
 
     /// The instance at `i`, if there are that many.
@@ -699,20 +704,21 @@ mod tests {
         assert!(serde_json::from_str::<Kv>(r#"["a"]"#).is_err());
     }
 
+    fn instance(i: usize) -> Arc<Instance> {
+        let s = Service::new("api", format!("h:{i}"));
+        let interval = Duration::from_secs(1);
+        Arc::new(Instance::new(
+            s,
+            Status::Passing,
+            interval,
+            None,
+            SystemTime::now(),
+        ))
+    }
+
     #[test]
     fn instances_over_several_chunks_read_as_one_sequence() {
-        let all: Vec<Arc<Instance>> = (0..CHUNK * 2 + 5)
-            .map(|i| {
-                let s = Service::new("api", format!("10.0.0.{i}:80"));
-                Arc::new(Instance::new(
-                    s,
-                    Status::Passing,
-                    Duration::from_secs(1),
-                    None,
-                    SystemTime::now(),
-                ))
-            })
-            .collect();
+        let all: Vec<Arc<Instance>> = (0..CHUNK * 2 + 5).map(instance).collect();
         let instances: Instances = all.clone().into();
         assert_eq!(instances.len(), all.len());
         assert_eq!(instances.0.chunks().len(), 3);
@@ -730,18 +736,8 @@ mod tests {
     #[test]
     fn swap_remove_keeps_every_chunk_but_the_last_full() {
         let mut c = Chunks::default();
-        let make = |i: usize| {
-            let s = Service::new("api", format!("h:{i}"));
-            Arc::new(Instance::new(
-                s,
-                Status::Passing,
-                Duration::from_secs(1),
-                None,
-                SystemTime::now(),
-            ))
-        };
         for i in 0..CHUNK + 1 {
-            assert_eq!(c.push(make(i)), i);
+            assert_eq!(c.push(instance(i)), i);
         }
         // The last moves into the hole; the emptied last chunk goes.
         let moved = c.swap_remove(3).unwrap();
