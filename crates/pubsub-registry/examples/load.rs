@@ -101,6 +101,7 @@ async fn main() -> Result<(), Error> {
                 let (url, n) = (url.clone(), args.count.unwrap_or(1000));
                 tokio::spawn(async move { cold(&url, n, "cold lookup, in a task").await }).await??
             }
+            "burst" => burst(&url, args.count.unwrap_or(2000)).await?,
             "observer-burst" => observer_burst(&url, args.count.unwrap_or(2000)).await?,
             "ingest" => {
                 for n in [1_000, 10_000, args.count.unwrap_or(100_000)] {
@@ -165,13 +166,7 @@ async fn nats(url: &str) -> Result<Arc<NatsTransport>, Error> {
 /// once (burst). Paced samples alternate raw and registry, one of each per
 /// round, so a slow spell of the VM falls on both alike.
 async fn propagation(url: &str, n: usize) -> Result<(), Error> {
-    // Raw: the payload is what an announcement weighs.
-    let payload = Bytes::from(pubsub_registry::protocol::encode_announcement(
-        &Service::new("prop", "10.0.0.1:80"),
-        pubsub_registry::Status::Passing,
-        std::time::SystemTime::now(),
-        Duration::from_secs(20),
-    ));
+    let payload = raw_payload();
     {
         let publisher = async_nats::connect(url).await?;
         let subscriber = raw_client(url).await?;
@@ -186,7 +181,22 @@ async fn propagation(url: &str, n: usize) -> Result<(), Error> {
         let (mut ours, mut raw) = paced(|| Registry::builder().nats_url(url), n, raw_once).await?;
         report("propagation paced", &mut ours, &mut raw);
     }
+    burst(url, n).await
+}
 
+/// The raw baselines' payload: what an announcement weighs.
+fn raw_payload() -> Bytes {
+    Bytes::from(pubsub_registry::protocol::encode_announcement(
+        &Service::new("prop", "10.0.0.1:80"),
+        pubsub_registry::Status::Passing,
+        std::time::SystemTime::now(),
+        Duration::from_secs(20),
+    ))
+}
+
+/// The burst half of [`propagation`], on its own for profiling.
+async fn burst(url: &str, n: usize) -> Result<(), Error> {
+    let payload = raw_payload();
     // Burst: the latency of each message is its arrival, timestamped by a
     // reader task of its own, minus its own send time. A burst lasts a few
     // milliseconds, which one descheduling of the VM can double: rounds

@@ -516,8 +516,17 @@ fn encode(service: &Service, t: Option<WireTime>, status: Status) -> Vec<u8> {
         t,
         status: (status != Status::Passing).then(|| status.as_str()),
     };
+    // Sized for the whole payload up front (keys, quotes and `t` fit in
+    // the constant): serde_json's default start of 128 bytes grows once or
+    // twice for a typical announcement.
+    let text = [out.net, out.add, out.url, out.name, out.v, out.h];
+    let kv: usize = service.kv.iter().map(|(k, v)| k.len() + v.len() + 8).sum();
+    let mut buf = Vec::with_capacity(128 + kv + text.iter().map(|t| t.len()).sum::<usize>());
     // Serialising strings and a map of strings cannot fail.
-    serde_json::to_vec(&out).unwrap_or_default()
+    match serde_json::to_writer(&mut buf, &out) {
+        Ok(()) => buf,
+        Err(_) => Vec::new(),
+    }
 }
 
 #[derive(Serialize)]

@@ -486,7 +486,8 @@ impl Own {
 }
 
 struct Registered {
-    service: Service,
+    /// Shared with the caller's [`Registration`]: one copy per registration.
+    service: Arc<Service>,
     status: Status,
     /// Its entry in `beats`.
     beat: u64,
@@ -520,7 +521,7 @@ struct Subs {
 #[derive(Debug)]
 pub struct Registration {
     registry: Weak<Inner>,
-    service: Service,
+    service: Arc<Service>,
 }
 
 impl Registration {
@@ -590,6 +591,7 @@ impl Registry {
         if service.host.is_empty() {
             service.host = inner.opts.host.as_str().into();
         }
+        let service = Arc::new(service);
         // Recorded under the same lock as the check that pings for the name
         // are answered: an unregister of the name's last other service in
         // between would take the ping subscription away (then subscribe
@@ -680,7 +682,7 @@ impl Registry {
         let mut v: Vec<_> = own
             .services
             .values()
-            .map(|r| (r.service.clone(), r.status))
+            .map(|r| (Service::clone(&r.service), r.status))
             .collect();
         v.sort_by(|a, b| (&a.0.name, &a.0.address).cmp(&(&b.0.name, &b.0.address)));
         v
@@ -1287,7 +1289,7 @@ impl Inner {
     /// Announces every instance of `name` registered here.
     async fn answer(&self, name: &str) {
         self.counters.pings_answered.fetch_add(1, Ordering::Relaxed);
-        let services: Vec<(Service, Status)> = {
+        let services: Vec<(Arc<Service>, Status)> = {
             let own = lock(&self.own);
             let keys = own.pings.get(name).map_or(&[][..], |p| &p.keys[..]);
             keys.iter()
@@ -1302,7 +1304,7 @@ impl Inner {
         }
     }
 
-    fn registered(&self, keep: impl Fn(&str) -> bool) -> Vec<(Service, Status)> {
+    fn registered(&self, keep: impl Fn(&str) -> bool) -> Vec<(Arc<Service>, Status)> {
         lock(&self.own)
             .services
             .values()
@@ -1352,7 +1354,7 @@ impl Inner {
     /// Keeps a registration: its details, status and heartbeat schedule.
     /// Registering the same name and address again replaces the details
     /// and keeps the status and the schedule.
-    fn record(&self, own: &mut Own, service: &Service) -> Status {
+    fn record(&self, own: &mut Own, service: &Arc<Service>) -> Status {
         let key = (service.name.clone(), service.address.clone());
         if let Some(r) = own.services.get_mut(&key) {
             r.service = service.clone();
@@ -1387,7 +1389,7 @@ impl Inner {
     /// The registrations whose heartbeat is due by `now`, each scheduled
     /// again one interval on (from now if it is late: no catch-up bursts);
     /// and when the next one is due.
-    fn due_heartbeats(&self, now: Instant) -> (Vec<(Service, Status)>, Option<Instant>) {
+    fn due_heartbeats(&self, now: Instant) -> (Vec<(Arc<Service>, Status)>, Option<Instant>) {
         let interval = self.opts.register_interval;
         let mut own = lock(&self.own);
         let own = &mut *own;
@@ -1477,7 +1479,7 @@ impl Inner {
     }
 
     /// Stops every task; returns the services that were registered.
-    fn stop_tasks(&self) -> Vec<Service> {
+    fn stop_tasks(&self) -> Vec<Arc<Service>> {
         for task in lock(&self.tasks).drain(..) {
             task.abort();
         }

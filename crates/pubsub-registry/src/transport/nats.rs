@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_nats::client::RequestErrorKind;
 use async_nats::connection::State;
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 
@@ -154,6 +154,12 @@ impl Transport for NatsTransport {
                     None => self.client.publish(subject, payload).await,
                 }
             };
+            // Almost always ready at once (a free slot in the client's
+            // queue): then no timer, whose deadline costs a clock read.
+            let mut send = std::pin::pin!(send);
+            if let Some(sent) = send.as_mut().now_or_never() {
+                return sent.map_err(|e| Error::transport("publish", e));
+            }
             // The client queues while reconnecting; a full queue must not
             // hang the caller.
             match tokio::time::timeout(SEND_TIMEOUT, send).await {
