@@ -157,15 +157,15 @@ impl Transport for NatsTransport {
             // Almost always ready at once (a free slot in the client's
             // queue): then no timer, whose deadline costs a clock read.
             let mut send = std::pin::pin!(send);
-            if let Some(sent) = send.as_mut().now_or_never() {
-                return sent.map_err(|e| Error::transport("publish", e));
-            }
-            // The client queues while reconnecting; a full queue must not
-            // hang the caller.
-            match tokio::time::timeout(SEND_TIMEOUT, send).await {
-                Ok(sent) => sent.map_err(|e| Error::transport("publish", e)),
-                Err(_) => Err(unreachable("publish")),
-            }
+            let sent = match send.as_mut().now_or_never() {
+                Some(sent) => sent,
+                // The client queues while reconnecting; a full queue must
+                // not hang the caller.
+                None => tokio::time::timeout(SEND_TIMEOUT, send)
+                    .await
+                    .map_err(|_| unreachable("publish"))?,
+            };
+            sent.map_err(|e| Error::transport("publish", e))
         })
     }
 
