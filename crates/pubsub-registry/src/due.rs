@@ -13,26 +13,27 @@ use std::collections::BinaryHeap;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// A min-heap of `(due time, item)`.
-pub(crate) struct DueHeap<T>(BinaryHeap<Reverse<(Instant, T)>>);
+/// A min-heap of `(due time, item)`; the time is an `Instant` or anything
+/// ordered that stands for one (the cache keeps 8-byte ticks).
+pub(crate) struct DueHeap<K, T>(BinaryHeap<Reverse<(K, T)>>);
 
-impl<T: Ord> Default for DueHeap<T> {
+impl<K: Ord, T: Ord> Default for DueHeap<K, T> {
     fn default() -> Self {
         DueHeap(BinaryHeap::new())
     }
 }
 
-impl<T: Ord> DueHeap<T> {
+impl<K: Ord + Copy, T: Ord> DueHeap<K, T> {
     /// Adds an entry; true when it is now the earliest, so the timer must
     /// be told.
-    pub(crate) fn push(&mut self, at: Instant, item: T) -> bool {
+    pub(crate) fn push(&mut self, at: K, item: T) -> bool {
         let earliest = self.next().is_none_or(|next| at < next);
         self.0.push(Reverse((at, item)));
         earliest
     }
 
     /// Takes out the earliest entry if it is due by `now`.
-    pub(crate) fn pop_due(&mut self, now: Instant) -> Option<(Instant, T)> {
+    pub(crate) fn pop_due(&mut self, now: K) -> Option<(K, T)> {
         match self.0.peek() {
             Some(Reverse((at, _))) if *at <= now => self.0.pop().map(|Reverse(e)| e),
             _ => None,
@@ -40,16 +41,25 @@ impl<T: Ord> DueHeap<T> {
     }
 
     /// When the earliest entry is due.
-    pub(crate) fn next(&self) -> Option<Instant> {
+    pub(crate) fn next(&self) -> Option<K> {
         self.0.peek().map(|Reverse((at, _))| *at)
     }
 
-    /// Once entries outnumber twice the `live` ones (plus some slack, so
-    /// small heaps are left alone), keeps only those `keep` accepts.
-    pub(crate) fn compact(&mut self, live: usize, mut keep: impl FnMut(Instant, &T) -> bool) {
-        if self.0.len() > 2 * live + 1024 {
-            self.0.retain(|Reverse((at, item))| keep(*at, item));
-        }
+    /// Whether entries outnumber twice the `live` ones (plus some slack,
+    /// so small heaps are left alone): time to [`compact`](Self::compact).
+    pub(crate) fn needs_compacting(&self, live: usize) -> bool {
+        self.0.len() > 2 * live + 1024
+    }
+
+    /// Keeps only the entries `keep` accepts, each once (two pushes of the
+    /// same entry are one). Sorting costs O(n log n), paid once per `live`
+    /// or more pushes.
+    pub(crate) fn compact(&mut self, mut keep: impl FnMut(K, &T) -> bool) {
+        let mut entries = std::mem::take(&mut self.0).into_vec();
+        entries.retain(|Reverse((at, item))| keep(*at, item));
+        entries.sort_unstable();
+        entries.dedup();
+        self.0 = entries.into();
     }
 
     pub(crate) fn clear(&mut self) {

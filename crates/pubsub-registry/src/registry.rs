@@ -467,7 +467,7 @@ struct Own {
     /// Heartbeats by due time, one entry per registration, all sent by one
     /// task: a registration costs a heap push, not a task and a timer. An
     /// unregistered service's entry is dropped when it comes up.
-    beats: DueHeap<Beat>,
+    beats: DueHeap<Instant, Beat>,
     /// Tells a registration's heap entry from one of an earlier
     /// registration of the same name and address.
     last_beat: u64,
@@ -479,9 +479,10 @@ impl Own {
     /// in a loop must not grow the heap until its entries come due.
     fn forget_stale_beats(&mut self) {
         let services = &self.services;
-        self.beats.compact(services.len(), |_, b| {
-            services.get(&b.key).is_some_and(|r| r.beat == b.id)
-        });
+        if self.beats.needs_compacting(services.len()) {
+            self.beats
+                .compact(|_, b| services.get(&b.key).is_some_and(|r| r.beat == b.id));
+        }
     }
 }
 

@@ -121,8 +121,12 @@ async fn expiry_work_follows_what_comes_due_not_what_is_tracked() {
     }
     let stats = observer.stats();
     assert_eq!(stats.instances, 10_000);
-    assert_eq!(
-        stats.expiry_checks, 100,
-        "the 10,000 long-lived ones were never looked at"
+    // One check per expiry, plus at most one per removal for the instance
+    // of the same name that moved into the hole (heap entries name
+    // positions): the 10,000 long-lived ones were never looked at.
+    assert!(
+        (100..200).contains(&stats.expiry_checks),
+        "{} checks for 100 expiries",
+        stats.expiry_checks
     );
 }
