@@ -824,17 +824,21 @@ mod tests {
         all
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn the_snapshot_follows_any_sequence_of_changes() {
-        let c = Catalog::new();
-        let mut model: HashMap<String, Status> = HashMap::new();
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut random = move |n: u64| {
+    /// A repeatable pseudo-random sequence: `random(n)` is below `n`.
+    fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
             seed % n
-        };
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_snapshot_follows_any_sequence_of_changes() {
+        let c = Catalog::new();
+        let mut model: HashMap<String, Status> = HashMap::new();
+        let mut random = xorshift(0x2545_f491_4f6c_dd1d_u64);
         let statuses = [Status::Passing, Status::Warning, Status::Critical];
         for round in 0..300 {
             let mut changes = Vec::new();
@@ -876,13 +880,7 @@ mod tests {
     async fn expiry_follows_any_sequence_of_changes() {
         let c = Catalog::new();
         let mut model: HashMap<(String, String), Instant> = HashMap::new();
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut random = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut random = xorshift(0x9e37_79b9_7f4a_7c15_u64);
         let intervals = [100, 200, 500, 1000, 3000].map(Duration::from_millis);
         let mut expired_total = 0;
         for round in 0..400 {

@@ -385,8 +385,9 @@ pub struct Stats {
     /// Instances in the cache now.
     pub instances: usize,
     /// Due-time entries the expiry timer examined: it grows with what comes
-    /// due (an expiry, or a refreshed instance's entry pushed back once per
-    /// due time), never with a scan of everything tracked.
+    /// due (an expiry, a refreshed instance's entry pushed back once per
+    /// due time, the entry of an instance that moved when another was
+    /// removed), never with a scan of everything tracked.
     pub expiry_checks: u64,
 }
 
