@@ -539,7 +539,7 @@ impl Catalog {
     }
 
     fn tick(&self, at: Instant) -> Tick {
-        Tick(u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX))
+        Tick(0).after(at.saturating_duration_since(self.epoch))
     }
 
     fn instant(&self, t: Tick) -> Instant {
