@@ -45,6 +45,13 @@ pub(crate) type Snapshot = Arc<Chunks>;
 /// Longest due time honoured, whatever an announcement claims.
 const MAX_DUE: Duration = Duration::from_secs(24 * 3600);
 
+/// With nothing to expire, the expiry timer still goes off this often: an
+/// instance due later than that (the Go package's 20 s interval x 1.5
+/// makes 30 s) is then already covered and needs no wake-up. A fresh
+/// cache's first instance, typically a cold lookup's answer, would
+/// otherwise wake the expiry task while the lookup waits for its own.
+const IDLE_LOOK: Duration = Duration::from_secs(30);
+
 /// What readers see of one name.
 #[derive(Default)]
 pub(crate) struct NameEntry {
@@ -66,7 +73,7 @@ pub(crate) struct Catalog {
     writer: Mutex<Writer>,
     /// Heap entries the expiry timer has examined.
     pub(crate) expiry_checks: AtomicU64,
-    /// Woken when the earliest due time moves earlier.
+    /// Woken when something comes due before the timer goes off.
     pub(crate) timer: Notify,
 }
 
@@ -80,6 +87,9 @@ struct Writer {
     live: usize,
     /// Names changed since the last commit.
     dirty: Vec<Arc<str>>,
+    /// When the expiry timer goes off next (`None` before it first looks):
+    /// only a due time earlier than that needs to wake it.
+    armed: Option<Tick>,
 }
 
 impl Writer {
@@ -447,7 +457,9 @@ impl Catalog {
             }
         };
         if let Some(d) = push {
-            if w.heap.push(due, d) {
+            w.heap.push(due, d);
+            if w.armed.is_none_or(|armed| due < armed) {
+                w.armed = Some(due);
                 self.timer.notify_one();
             }
             w.forget_stale_dues();
@@ -479,7 +491,7 @@ impl Catalog {
 
     /// Drops every instance due by `now`; returns their `Expired` events and
     /// when to look again.
-    pub(crate) fn expire(&self, now: Instant) -> (Vec<Event>, Option<Instant>) {
+    pub(crate) fn expire(&self, now: Instant) -> (Vec<Event>, Instant) {
         let now = self.tick(now);
         let mut guard = self.lock();
         let w = &mut *guard;
@@ -504,7 +516,9 @@ impl Catalog {
             }
         }
         self.commit(w);
-        (events, w.heap.next().map(|t| self.instant(t)))
+        let next = w.heap.next().unwrap_or(now.after(IDLE_LOOK));
+        w.armed = Some(next);
+        (events, self.instant(next))
     }
 
     /// Number of instances tracked.
@@ -726,15 +740,48 @@ mod tests {
         c.announce(svc("a", "h:2"), Status::Passing, interval, 1.5, None);
         let (events, next) = c.expire(Instant::now());
         assert!(events.is_empty());
+        assert_eq!(next - Instant::now(), Duration::from_millis(50));
         tokio::time::advance(Duration::from_millis(51)).await;
         let (events, _) = c.expire(Instant::now());
         assert_eq!(events.len(), 1, "h:1 is due at 150 ms");
         assert_eq!(events[0].instance.address(), "h:1");
-        assert!(next.is_some());
         tokio::time::advance(Duration::from_millis(99)).await;
         let (events, _) = c.expire(Instant::now());
         assert_eq!(events[0].instance.address(), "h:2", "h:2 is due at 250 ms");
         assert_eq!(c.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_an_instance_due_before_the_timer_goes_off_wakes_it() {
+        use futures_util::FutureExt;
+        let woken = |c: &Catalog| c.timer.notified().now_or_never().is_some();
+        let c = Catalog::new();
+        let (_, next) = c.expire(Instant::now());
+        assert_eq!(next - Instant::now(), IDLE_LOOK);
+        // The Go package's interval: due when the idle timer goes off anyway.
+        let go = Duration::from_secs(20);
+        c.announce(svc("a", "h:1"), Status::Passing, go, 1.5, None);
+        assert!(!woken(&c), "due no earlier than the timer");
+        c.announce(
+            svc("a", "h:2"),
+            Status::Passing,
+            Duration::from_secs(1),
+            1.5,
+            None,
+        );
+        assert!(woken(&c), "due before the timer");
+        c.announce(
+            svc("a", "h:3"),
+            Status::Passing,
+            Duration::from_secs(2),
+            1.5,
+            None,
+        );
+        assert!(!woken(&c), "the timer is now for h:2, earlier");
+        // Before the expiry task first looks, any due time wakes it.
+        let fresh = Catalog::new();
+        fresh.announce(svc("a", "h:1"), Status::Passing, go, 1.5, None);
+        assert!(woken(&fresh));
     }
 
     fn announce_many(c: &Catalog, name: &str, addresses: impl Iterator<Item = String>) {

@@ -1564,7 +1564,7 @@ async fn expire(catalog: Arc<Catalog>, inner: Weak<Inner>) {
                 inner.emit(event);
             }
         }
-        due::wait(next, &catalog.timer).await;
+        due::wait(Some(next), &catalog.timer).await;
     }
 }
 
