@@ -108,6 +108,10 @@ impl Chain<'_> {
         instances: &'i Chunks,
         turn: &AtomicUsize,
     ) -> Option<&'i Arc<Instance>> {
+        // Most lookups have no filter at all: one check, no iterator.
+        if self.is_empty() {
+            return instances.get(0);
+        }
         if !self.round_robin() {
             return instances.iter().find(|i| self.keeps(i));
         }
