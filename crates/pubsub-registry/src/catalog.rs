@@ -87,9 +87,6 @@ struct Writer {
     live: usize,
     /// Names changed since the last commit.
     dirty: Vec<Arc<str>>,
-    /// When the expiry timer goes off next (`None` before it first looks):
-    /// only a due time earlier than that needs to wake it.
-    armed: Option<Tick>,
 }
 
 impl Writer {
@@ -102,9 +99,9 @@ impl Writer {
             // The instance that took the hole is looked for there from now
             // on; its entry at the old position is no longer its own.
             let due = Due::new(state.id, slot.pos);
-            // Never the earliest: the entry for its old position, due at
-            // the same time, is still in the heap (or, during an expiry
-            // round, the round reads the next due time afterwards).
+            // Never before the timer: the entry for its old position, due
+            // at the same time, is still in the heap (or, during an expiry
+            // round, the round arms the timer afterwards).
             self.heap.push(scheduled, due);
         }
         self.live -= 1;
@@ -457,9 +454,7 @@ impl Catalog {
             }
         };
         if let Some(d) = push {
-            w.heap.push(due, d);
-            if w.armed.is_none_or(|armed| due < armed) {
-                w.armed = Some(due);
+            if w.heap.push(due, d) {
                 self.timer.notify_one();
             }
             w.forget_stale_dues();
@@ -516,8 +511,8 @@ impl Catalog {
             }
         }
         self.commit(w);
-        let next = w.heap.next().unwrap_or(now.after(IDLE_LOOK));
-        w.armed = Some(next);
+        let idle = now.after(IDLE_LOOK);
+        let next = w.heap.arm(Some(idle)).unwrap_or(idle);
         (events, self.instant(next))
     }
 

@@ -15,65 +15,84 @@ use tokio::time::Instant;
 
 /// A min-heap of `(due time, item)`; the time is an `Instant` or anything
 /// ordered that stands for one (the cache keeps 8-byte ticks).
-pub(crate) struct DueHeap<K, T>(BinaryHeap<Reverse<(K, T)>>);
+pub(crate) struct DueHeap<K, T> {
+    entries: BinaryHeap<Reverse<(K, T)>>,
+    /// When the timer goes off next, as last [`arm`](Self::arm)ed or told
+    /// by [`push`](Self::push); `None` while it waits without a deadline.
+    armed: Option<K>,
+}
 
 impl<K: Ord, T: Ord> Default for DueHeap<K, T> {
     fn default() -> Self {
-        DueHeap(BinaryHeap::new())
+        DueHeap {
+            entries: BinaryHeap::new(),
+            armed: None,
+        }
     }
 }
 
 impl<K: Ord + Copy, T: Ord> DueHeap<K, T> {
-    /// Adds an entry; true when it is now the earliest, so the timer must
-    /// be told.
+    /// Adds an entry; true when it comes due before the timer goes off, so
+    /// the timer must be told (a later one is seen when the timer goes off).
     pub(crate) fn push(&mut self, at: K, item: T) -> bool {
-        let earliest = self.next().is_none_or(|next| at < next);
-        self.0.push(Reverse((at, item)));
-        earliest
+        self.entries.push(Reverse((at, item)));
+        let earlier = self.armed.is_none_or(|armed| at < armed);
+        if earlier {
+            self.armed = Some(at);
+        }
+        earlier
+    }
+
+    /// When the timer is to go off next: at the earliest entry, or with none
+    /// at `idle` (`None`: not until a push tells it).
+    pub(crate) fn arm(&mut self, idle: Option<K>) -> Option<K> {
+        self.armed = self.next().or(idle);
+        self.armed
     }
 
     /// Takes out the earliest entry if it is due by `now`.
     pub(crate) fn pop_due(&mut self, now: K) -> Option<(K, T)> {
-        match self.0.peek() {
-            Some(Reverse((at, _))) if *at <= now => self.0.pop().map(|Reverse(e)| e),
+        match self.entries.peek() {
+            Some(Reverse((at, _))) if *at <= now => self.entries.pop().map(|Reverse(e)| e),
             _ => None,
         }
     }
 
     /// When the earliest entry is due.
     pub(crate) fn next(&self) -> Option<K> {
-        self.0.peek().map(|Reverse((at, _))| *at)
+        self.entries.peek().map(|Reverse((at, _))| *at)
     }
 
     /// Whether entries outnumber twice the `live` ones (plus some slack,
     /// so small heaps are left alone): time to [`compact`](Self::compact).
     pub(crate) fn needs_compacting(&self, live: usize) -> bool {
-        self.0.len() > 2 * live + 1024
+        self.entries.len() > 2 * live + 1024
     }
 
     /// Keeps only the entries `keep` accepts, each once (two pushes of the
     /// same entry are one). Sorting costs O(n log n), paid once per `live`
     /// or more pushes.
     pub(crate) fn compact(&mut self, mut keep: impl FnMut(K, &T) -> bool) {
-        let mut entries = std::mem::take(&mut self.0).into_vec();
+        let mut entries = std::mem::take(&mut self.entries).into_vec();
         entries.retain(|Reverse((at, item))| keep(*at, item));
         entries.sort_unstable();
         entries.dedup();
-        self.0 = entries.into();
+        self.entries = entries.into();
     }
 
     pub(crate) fn clear(&mut self) {
-        self.0.clear();
+        self.entries.clear();
+        self.armed = None;
     }
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.0.len()
+        self.entries.len()
     }
 
     #[cfg(test)]
     pub(crate) fn items(&self) -> impl Iterator<Item = &T> {
-        self.0.iter().map(|Reverse((_, item))| item)
+        self.entries.iter().map(|Reverse((_, item))| item)
     }
 }
 

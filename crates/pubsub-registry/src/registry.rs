@@ -1412,7 +1412,7 @@ impl Inner {
             };
             own.beats.push(at, beat);
         }
-        (due, own.beats.next())
+        (due, own.beats.arm(None))
     }
 
     async fn ping(&self, name: &str) -> Result<()> {
