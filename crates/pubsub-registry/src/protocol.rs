@@ -9,7 +9,7 @@ use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer};
 
 use crate::service::{CompactString, Kv, Service, Status};
 
@@ -229,6 +229,15 @@ pub enum DecodeError {
 /// assert_eq!(a.duration_ms, Some(2000));
 /// ```
 pub fn decode(payload: &[u8], subject_name: &str) -> Result<Announcement, DecodeError> {
+    let a = decode_on(payload, subject_name)?;
+    // The payload's name is the subject's: checking one checks both.
+    validate_name(subject_name)?;
+    Ok(a)
+}
+
+/// [`decode`] on the subject of a name already validated (the registry
+/// checks every subject's name before it looks at the payload).
+pub(crate) fn decode_on(payload: &[u8], subject_name: &str) -> Result<Announcement, DecodeError> {
     if payload.len() > MAX_PAYLOAD {
         return Err(DecodeError::TooLarge(payload.len()));
     }
@@ -252,7 +261,7 @@ fn decode_serde(payload: &[u8]) -> Result<Announcement, DecodeError> {
     Ok(a)
 }
 
-/// Checks a decoded announcement names a valid instance of `subject_name`.
+/// Checks a decoded announcement names an instance of `subject_name`.
 fn belongs(a: &Announcement, subject_name: &str) -> Result<(), DecodeError> {
     if a.service.name.is_empty() {
         return Err(DecodeError::MissingName);
@@ -260,7 +269,6 @@ fn belongs(a: &Announcement, subject_name: &str) -> Result<(), DecodeError> {
     if a.service.address.is_empty() {
         return Err(DecodeError::MissingAddress);
     }
-    validate_name(&a.service.name)?;
     if a.service.name != subject_name {
         return Err(DecodeError::NameMismatch {
             subject: subject_name.chars().take(80).collect(),
@@ -324,29 +332,29 @@ fn decode_plain(payload: &[u8]) -> Option<Announcement> {
     let text = std::str::from_utf8(payload).ok()?;
     let mut p = Plain { text, at: 0 };
     let mut a = Announcement::default();
-    let mut seen = [false; KEYS.len()];
+    let mut seen = [false; Field::ALL.len()];
     p.object(|p, key| {
-        let i = key_index(key)?;
+        let field = Field::of(key)?;
         // Repeated keys (in any case) never come from a real sender: left to
         // serde, so the rules for them live in one place.
-        if std::mem::replace(&mut seen[i], true) {
+        if std::mem::replace(&mut seen[field as usize], true) {
             return None;
         }
         let s = &mut a.service;
-        match KEYS[i] {
-            "net" => s.network = p.string()?.into(),
-            "add" => s.address = p.string()?.into(),
-            "url" => s.url = p.string()?.into(),
-            "name" => s.name = p.string()?.into(),
-            "v" => s.version = p.string()?.into(),
-            "h" => s.host = p.string()?.into(),
-            "kv" => s.kv = p.kv()?,
-            "t" => (a.registered_ms, a.duration_ms) = p.time()?,
+        match field {
+            Field::Net => s.network = p.string()?.into(),
+            Field::Add => s.address = p.string()?.into(),
+            Field::Url => s.url = p.string()?.into(),
+            Field::Name => s.name = p.string()?.into(),
+            Field::V => s.version = p.string()?.into(),
+            Field::H => s.host = p.string()?.into(),
+            Field::Kv => s.kv = p.kv()?,
+            Field::T => (a.registered_ms, a.duration_ms) = p.time()?,
             // Unknown statuses are passing, as in `WireVisitor`.
-            "status" => a.status = p.string()?.parse().unwrap_or_default(),
+            Field::Status => a.status = p.string()?.parse().unwrap_or_default(),
             // `registered` and `duration` are only known inside `t`: serde
             // skips them here, whatever their value.
-            _ => return None,
+            Field::Registered | Field::Duration => return None,
         }
         Some(())
     })?;
@@ -356,7 +364,7 @@ fn decode_plain(payload: &[u8]) -> Option<Announcement> {
 
 /// Most `kv` entries [`decode_plain`] takes: real announcements carry a
 /// handful, and a hostile payload's thousands are left to the serde path.
-const MAX_PLAIN_KV: usize = 32;
+const MAX_PLAIN_KV: usize = 16;
 
 /// A cursor over valid UTF-8 JSON for [`decode_plain`]. Every method returns
 /// `None` on anything outside the plain shape; none can panic.
@@ -395,9 +403,7 @@ impl<'a> Plain<'a> {
         self.eat(b'"')?;
         let start = self.at;
         let rest = self.text.as_bytes().get(start..)?;
-        let len = rest
-            .iter()
-            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+        let len = unescaped_len(rest);
         if rest.get(len) != Some(&b'"') {
             return None;
         }
@@ -466,9 +472,9 @@ impl<'a> Plain<'a> {
     fn time(&mut self) -> Option<(Option<i64>, Option<i64>)> {
         let (mut registered, mut duration) = (None, None);
         self.object(|p, key| {
-            let slot = match key_index(key).map(|i| KEYS[i]) {
-                Some("registered") => &mut registered,
-                Some("duration") => &mut duration,
+            let slot = match Field::of(key)? {
+                Field::Registered => &mut registered,
+                Field::Duration => &mut duration,
                 _ => return None,
             };
             if slot.is_some() {
@@ -505,57 +511,145 @@ pub fn encode_unregister(service: &Service) -> Vec<u8> {
 }
 
 fn encode(service: &Service, t: Option<WireTime>, status: Status) -> Vec<u8> {
-    let out = WireOut {
-        net: &service.network,
-        add: &service.address,
-        url: &service.url,
-        name: &service.name,
-        v: &service.version,
-        h: &service.host,
-        kv: &service.kv,
-        t,
-        status: (status != Status::Passing).then(|| status.as_str()),
-    };
+    let text = [
+        ("net", &service.network),
+        ("add", &service.address),
+        ("url", &service.url),
+        ("name", &service.name),
+        ("v", &service.version),
+        ("h", &service.host),
+    ];
     // Sized for the whole payload up front (keys, quotes and `t` fit in
-    // the constant): serde_json's default start of 128 bytes grows once or
-    // twice for a typical announcement.
-    let text = [out.net, out.add, out.url, out.name, out.v, out.h];
+    // the constant), so it is written without growing.
     let kv: usize = service.kv.iter().map(|(k, v)| k.len() + v.len() + 8).sum();
-    let mut buf = Vec::with_capacity(128 + kv + text.iter().map(|t| t.len()).sum::<usize>());
-    // Serialising strings and a map of strings cannot fail.
-    match serde_json::to_writer(&mut buf, &out) {
-        Ok(()) => buf,
-        Err(_) => Vec::new(),
+    let mut out = Vec::with_capacity(128 + kv + text.iter().map(|(_, v)| v.len()).sum::<usize>());
+    // Written by hand, byte for byte what serde_json writes for the same
+    // fields (a test holds it to that), in a fraction of its time.
+    out.push(b'{');
+    let mut first = true;
+    let mut key = |out: &mut Vec<u8>, key: &str| {
+        if !std::mem::take(&mut first) {
+            out.push(b',');
+        }
+        out.push(b'"');
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\":");
+    };
+    for (name, value) in text {
+        if !value.is_empty() {
+            key(&mut out, name);
+            json_string(&mut out, value);
+        }
     }
+    if !service.kv.is_empty() {
+        key(&mut out, "kv");
+        out.push(b'{');
+        for (i, (k, v)) in service.kv.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json_string(&mut out, k);
+            out.push(b':');
+            json_string(&mut out, v);
+        }
+        out.push(b'}');
+    }
+    if let Some(t) = t {
+        key(&mut out, "t");
+        out.extend_from_slice(b"{\"Registered\":");
+        json_int(&mut out, t.registered);
+        out.extend_from_slice(b",\"Duration\":");
+        json_int(&mut out, t.duration);
+        out.push(b'}');
+    }
+    if status != Status::Passing {
+        key(&mut out, "status");
+        json_string(&mut out, status.as_str());
+    }
+    out.push(b'}');
+    out
 }
 
-#[derive(Serialize)]
-struct WireOut<'a> {
-    #[serde(skip_serializing_if = "str::is_empty")]
-    net: &'a str,
-    #[serde(skip_serializing_if = "str::is_empty")]
-    add: &'a str,
-    #[serde(skip_serializing_if = "str::is_empty")]
-    url: &'a str,
-    #[serde(skip_serializing_if = "str::is_empty")]
-    name: &'a str,
-    #[serde(skip_serializing_if = "str::is_empty")]
-    v: &'a str,
-    #[serde(skip_serializing_if = "str::is_empty")]
-    h: &'a str,
-    #[serde(skip_serializing_if = "Kv::is_empty")]
-    kv: &'a Kv,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    t: Option<WireTime>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    status: Option<&'static str>,
+/// `s` as a JSON string, escaped as serde_json escapes: `"`, `\` and
+/// control characters, the common ones by letter, others as `\u00XX`.
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let mut rest = s.as_bytes();
+    loop {
+        let plain = unescaped_len(rest);
+        out.extend_from_slice(&rest[..plain]);
+        let Some((&b, after)) = rest[plain..].split_first() else {
+            break;
+        };
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+            }
+        }
+        rest = after;
+    }
+    out.push(b'"');
 }
 
-#[derive(Serialize)]
+/// How many bytes at the start of `bytes` a JSON string holds as they are:
+/// up to the first `"`, `\` or control character. Eight bytes at a time,
+/// as strings are scanned on every message sent and received.
+fn unescaped_len(bytes: &[u8]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // A byte's high bit ends up set where it is zero (after the xor) or
+    // below 0x20. A borrow can only mark bytes above a marked one, so the
+    // lowest mark, the first byte in memory, is always a real one.
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x;
+    let mut at = 0;
+    while let Some(chunk) = bytes.get(at..at + 8) {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word);
+        let control = x.wrapping_sub(ONES * 0x20) & !x;
+        let marks = (control | zero(x ^ (ONES * 0x22)) | zero(x ^ (ONES * 0x5c))) & HIGH;
+        if marks != 0 {
+            return at + marks.trailing_zeros() as usize / 8;
+        }
+        at += 8;
+    }
+    let tail = &bytes[at..];
+    at + tail
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .unwrap_or(tail.len())
+}
+
+/// `n` in decimal.
+fn json_int(out: &mut Vec<u8>, n: i64) {
+    if n < 0 {
+        out.push(b'-');
+    }
+    let mut n = n.unsigned_abs();
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
 struct WireTime {
-    #[serde(rename = "Registered")]
     registered: i64,
-    #[serde(rename = "Duration")]
     duration: i64,
 }
 
@@ -581,23 +675,23 @@ impl<'de> Visitor<'de> for WireVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Announcement, A::Error> {
         let mut a = Announcement::default();
-        while let Some(Key(key)) = map.next_key::<Key>()? {
+        while let Some(Key(field)) = map.next_key::<Key>()? {
             let s = &mut a.service;
-            match key {
-                "net" => s.network = opt(&mut map)?,
-                "add" => s.address = opt(&mut map)?,
-                "url" => s.url = opt(&mut map)?,
-                "name" => s.name = opt(&mut map)?,
-                "v" => s.version = opt(&mut map)?,
-                "h" => s.host = opt(&mut map)?,
-                "kv" => s.kv = opt(&mut map)?,
-                "t" => {
+            match field {
+                Some(Field::Net) => s.network = opt(&mut map)?,
+                Some(Field::Add) => s.address = opt(&mut map)?,
+                Some(Field::Url) => s.url = opt(&mut map)?,
+                Some(Field::Name) => s.name = opt(&mut map)?,
+                Some(Field::V) => s.version = opt(&mut map)?,
+                Some(Field::H) => s.host = opt(&mut map)?,
+                Some(Field::Kv) => s.kv = opt(&mut map)?,
+                Some(Field::T) => {
                     if let Some(t) = map.next_value_seed(TimeSeed)? {
                         a.registered_ms = t.0;
                         a.duration_ms = t.1;
                     }
                 }
-                "status" => {
+                Some(Field::Status) => {
                     let status: Option<CompactString> = map.next_value()?;
                     // Unknown or missing statuses are passing (PROTOCOL.md).
                     a.status = status.and_then(|s| s.parse().ok()).unwrap_or_default();
@@ -615,28 +709,79 @@ fn opt<'de, A: MapAccess<'de>, T: Deserialize<'de> + Default>(map: &mut A) -> Re
     Ok(map.next_value::<Option<T>>()?.unwrap_or_default())
 }
 
-/// A known key, matched without regard to case and without allocating;
-/// `""` for any other key.
-struct Key(&'static str);
+/// A key, matched without regard to case and without allocating; `None`
+/// for any unknown key.
+struct Key(Option<Field>);
 
-const KEYS: [&str; 11] = [
-    "net",
-    "add",
-    "url",
-    "name",
-    "v",
-    "h",
-    "kv",
-    "t",
-    "status",
-    "registered",
-    "duration",
-];
+/// A known key of an announcement or of its `t`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Field {
+    Net,
+    Add,
+    Url,
+    Name,
+    V,
+    H,
+    Kv,
+    T,
+    Status,
+    Registered,
+    Duration,
+}
 
-/// The position in [`KEYS`] of `key`, matched without regard to ASCII case
-/// (by [`Key`] and [`decode_plain`] alike).
-fn key_index(key: &str) -> Option<usize> {
-    KEYS.iter().position(|k| k.eq_ignore_ascii_case(key))
+impl Field {
+    /// In declaration order: `ALL[f as usize] == f`.
+    const ALL: [Field; 11] = [
+        Field::Net,
+        Field::Add,
+        Field::Url,
+        Field::Name,
+        Field::V,
+        Field::H,
+        Field::Kv,
+        Field::T,
+        Field::Status,
+        Field::Registered,
+        Field::Duration,
+    ];
+
+    /// The key as the Go package writes it, in lower case.
+    fn key(self) -> &'static str {
+        match self {
+            Field::Net => "net",
+            Field::Add => "add",
+            Field::Url => "url",
+            Field::Name => "name",
+            Field::V => "v",
+            Field::H => "h",
+            Field::Kv => "kv",
+            Field::T => "t",
+            Field::Status => "status",
+            Field::Registered => "registered",
+            Field::Duration => "duration",
+        }
+    }
+
+    /// The field `key` names, without regard to ASCII case (by [`Key`] and
+    /// [`decode_plain`] alike).
+    fn of(key: &str) -> Option<Field> {
+        // By length first: one comparison for most keys, not eleven.
+        let candidates: &[Field] = match key.len() {
+            1 => &[Field::V, Field::H, Field::T],
+            2 => &[Field::Kv],
+            3 => &[Field::Net, Field::Add, Field::Url],
+            4 => &[Field::Name],
+            6 => &[Field::Status],
+            8 => &[Field::Duration],
+            10 => &[Field::Registered],
+            _ => return None,
+        };
+        // Exactly as written first: how the Go package writes all but `t`'s.
+        candidates
+            .iter()
+            .copied()
+            .find(|f| f.key() == key || f.key().eq_ignore_ascii_case(key))
+    }
 }
 
 impl<'de> Deserialize<'de> for Key {
@@ -648,7 +793,7 @@ impl<'de> Deserialize<'de> for Key {
                 f.write_str("a key")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
-                Ok(Key(key_index(v).map_or("", |i| KEYS[i])))
+                Ok(Key(Field::of(v)))
             }
         }
         d.deserialize_str(V)
@@ -679,10 +824,10 @@ impl<'de> DeserializeSeed<'de> for TimeSeed {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let (mut registered, mut duration) = (None, None);
-                while let Some(Key(key)) = map.next_key::<Key>()? {
-                    match key {
-                        "registered" => registered = map.next_value()?,
-                        "duration" => duration = map.next_value()?,
+                while let Some(Key(field)) = map.next_key::<Key>()? {
+                    match field {
+                        Some(Field::Registered) => registered = map.next_value()?,
+                        Some(Field::Duration) => duration = map.next_value()?,
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -1039,7 +1184,7 @@ mod tests {
 
         /// One entry of any known key or none, with a fitting value mostly.
         fn entry() -> impl Strategy<Value = (String, J)> {
-            let known = select(KEYS.to_vec()).prop_flat_map(|key| {
+            let known = select(Field::ALL.map(Field::key).to_vec()).prop_flat_map(|key| {
                 let value = match key {
                     "kv" => kv_value().boxed(),
                     "t" => time_value().boxed(),
@@ -1228,6 +1373,168 @@ mod tests {
                 if let Err(e) = agree(&payload) {
                     prop_assert!(false, "{:?}: {}", String::from_utf8_lossy(&payload), e);
                 }
+            }
+        }
+    }
+
+    /// What serde_json writes for an announcement: the encoder's reference.
+    mod serde_reference {
+        use super::super::*;
+        use serde::Serialize;
+
+        #[derive(Serialize)]
+        struct Out<'a> {
+            #[serde(skip_serializing_if = "str::is_empty")]
+            net: &'a str,
+            #[serde(skip_serializing_if = "str::is_empty")]
+            add: &'a str,
+            #[serde(skip_serializing_if = "str::is_empty")]
+            url: &'a str,
+            #[serde(skip_serializing_if = "str::is_empty")]
+            name: &'a str,
+            #[serde(skip_serializing_if = "str::is_empty")]
+            v: &'a str,
+            #[serde(skip_serializing_if = "str::is_empty")]
+            h: &'a str,
+            #[serde(skip_serializing_if = "Kv::is_empty")]
+            kv: &'a Kv,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            t: Option<Time>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            status: Option<&'static str>,
+        }
+
+        #[derive(Serialize)]
+        struct Time {
+            #[serde(rename = "Registered")]
+            registered: i64,
+            #[serde(rename = "Duration")]
+            duration: i64,
+        }
+
+        pub(super) fn encode(s: &Service, t: Option<(i64, i64)>, status: Status) -> Vec<u8> {
+            let out = Out {
+                net: &s.network,
+                add: &s.address,
+                url: &s.url,
+                name: &s.name,
+                v: &s.version,
+                h: &s.host,
+                kv: &s.kv,
+                t: t.map(|(registered, duration)| Time {
+                    registered,
+                    duration,
+                }),
+                status: (status != Status::Passing).then(|| status.as_str()),
+            };
+            serde_json::to_vec(&out).unwrap()
+        }
+    }
+
+    mod encoder {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        #[test]
+        fn every_key_is_found_in_any_case() {
+            for f in Field::ALL {
+                assert_eq!(Field::of(f.key()), Some(f));
+                assert_eq!(Field::of(&f.key().to_ascii_uppercase()), Some(f));
+                assert_eq!(Field::ALL[f as usize], f);
+            }
+            for other in ["", "x", "nam", "names", "stat", "registere", "kv2"] {
+                assert_eq!(Field::of(other), None, "{other}");
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn unescaped_len_stops_at_the_first_byte_to_escape(
+                bytes in proptest::collection::vec(
+                    prop_oneof![any::<u8>(), Just(b'"'), Just(b'\\'), 0u8..0x20, 0x20u8..0x7f],
+                    0..40,
+                ),
+            ) {
+                let expected = bytes
+                    .iter()
+                    .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+                    .unwrap_or(bytes.len());
+                prop_assert_eq!(unescaped_len(&bytes), expected);
+            }
+        }
+
+        /// Text with what needs escaping: quotes, backslashes, every control
+        /// character, and beyond ASCII.
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[\\x00-\\x1f\"\\\\a\\x7f]{0,8}",
+                "\\PC{0,12}",
+                Just(String::new()),
+            ]
+        }
+
+        fn service() -> impl Strategy<Value = Service> {
+            let texts = proptest::collection::vec(text(), 6);
+            let kv = proptest::collection::vec((text(), text()), 0..4);
+            (texts, kv).prop_map(|(t, kv)| Service {
+                network: t[0].as_str().into(),
+                address: t[1].as_str().into(),
+                url: t[2].as_str().into(),
+                name: t[3].as_str().into(),
+                version: t[4].as_str().into(),
+                host: t[5].as_str().into(),
+                kv: kv.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+            })
+        }
+
+        fn status() -> impl Strategy<Value = Status> {
+            prop_oneof![
+                Just(Status::Passing),
+                Just(Status::Warning),
+                Just(Status::Critical)
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2048))]
+
+            #[test]
+            fn writes_what_serde_writes(
+                s in service(),
+                t in proptest::option::of((any::<i64>(), any::<i64>())),
+                status in status(),
+            ) {
+                let ours = encode(
+                    &s,
+                    t.map(|(registered, duration)| WireTime { registered, duration }),
+                    status,
+                );
+                let reference = super::serde_reference::encode(&s, t, status);
+                prop_assert_eq!(String::from_utf8(ours).unwrap(), String::from_utf8(reference).unwrap());
+            }
+        }
+
+        #[test]
+        fn extremes() {
+            for (registered, duration) in [
+                (0, 0),
+                (i64::MIN, i64::MAX),
+                (-1, 9),
+                (1_795_535_104_541, 20_000),
+            ] {
+                let s = Service::new("a", "b:1");
+                let t = Some((registered, duration));
+                assert_eq!(
+                    encode(
+                        &s,
+                        t.map(|(registered, duration)| WireTime {
+                            registered,
+                            duration
+                        }),
+                        Status::Warning
+                    ),
+                    super::serde_reference::encode(&s, t, Status::Warning),
+                );
             }
         }
     }

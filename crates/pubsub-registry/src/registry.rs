@@ -1205,7 +1205,7 @@ impl Inner {
     }
 
     fn on_announcement(&self, name: &str, payload: &[u8]) -> Option<Change> {
-        let a = match protocol::decode(payload, name) {
+        let a = match protocol::decode_on(payload, name) {
             Ok(a) => a,
             Err(e) => {
                 self.reject(name, &e);
@@ -1224,7 +1224,7 @@ impl Inner {
     }
 
     fn on_unregister(&self, name: &str, payload: &[u8]) -> Option<Change> {
-        match protocol::decode(payload, name) {
+        match protocol::decode_on(payload, name) {
             Ok(a) => Some(Change::Remove {
                 name: a.service.name,
                 address: a.service.address,
