@@ -79,7 +79,7 @@ impl std::fmt::Debug for MemoryBus {
 impl Bus {
     fn publish(&self, msg: Message) {
         let subs = self.subs.read().unwrap_or_else(|e| e.into_inner());
-        let exact = subs.exact.get(&msg.subject).into_iter().flatten();
+        let exact = subs.exact.get(msg.subject.as_str()).into_iter().flatten();
         let patterns = subs
             .patterns
             .iter()
@@ -124,8 +124,8 @@ impl Transport for MemoryBus {
         payload: Bytes,
     ) -> BoxFuture<'_, Result<()>> {
         self.inner.publish(Message {
-            subject,
-            reply,
+            subject: subject.into(),
+            reply: reply.map(Into::into),
             payload,
         });
         Box::pin(async { Ok(()) })

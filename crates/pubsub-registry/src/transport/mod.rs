@@ -4,6 +4,9 @@
 //! registry decodes what arrives ([`protocol`](crate::protocol)) and feeds the
 //! catalog (the local cache).
 
+use std::fmt;
+use std::sync::Arc;
+
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
@@ -21,11 +24,119 @@ pub mod redis;
 #[derive(Clone, Debug)]
 pub struct Message {
     /// The subject (NATS) or channel (Redis) it was published on.
-    pub subject: String,
+    pub subject: Subject,
     /// Where the sender asked for replies, if it did.
-    pub reply: Option<String>,
+    pub reply: Option<Subject>,
     /// The payload, unread.
     pub payload: Bytes,
+}
+
+/// A subject or channel name as a message carries it: text, cheap to clone,
+/// and kept as the NATS client parsed it rather than copied (a copy per
+/// message is a noticeable part of taking one in).
+///
+/// ```
+/// use pubsub_registry::transport::Subject;
+/// let s = Subject::from("registry.register.a");
+/// assert_eq!(s, "registry.register.a");
+/// assert!(s.ends_with(".a"));
+/// ```
+#[derive(Clone)]
+pub struct Subject(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Shared(Arc<str>),
+    #[cfg(feature = "nats")]
+    Nats(async_nats::Subject),
+}
+
+impl Subject {
+    /// The subject as text.
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            Repr::Shared(s) => s,
+            #[cfg(feature = "nats")]
+            Repr::Nats(s) => s.as_str(),
+        }
+    }
+}
+
+impl std::ops::Deref for Subject {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for Subject {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<String> for Subject {
+    fn from(s: String) -> Self {
+        Subject(Repr::Shared(s.into()))
+    }
+}
+
+impl From<&str> for Subject {
+    fn from(s: &str) -> Self {
+        Subject(Repr::Shared(s.into()))
+    }
+}
+
+#[cfg(feature = "nats")]
+impl From<async_nats::Subject> for Subject {
+    fn from(s: async_nats::Subject) -> Self {
+        Subject(Repr::Nats(s))
+    }
+}
+
+impl PartialEq for Subject {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Subject {}
+
+impl PartialEq<str> for Subject {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Subject {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<String> for Subject {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl std::hash::Hash for Subject {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
+    }
+}
+
+impl fmt::Debug for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What to subscribe to. One subscription delivers its messages in the

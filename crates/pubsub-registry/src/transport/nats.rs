@@ -181,10 +181,9 @@ impl Transport for NatsTransport {
             // ping carries `<main>.register.<name>` as its reply subject, so
             // a ping nobody serves earns a "no responders" status there.
             let messages = sub.filter_map(|m| {
-                // `into_string` copies the bytes; `to_string` would format.
                 std::future::ready(m.status.is_none().then(|| Message {
-                    subject: m.subject.into_string(),
-                    reply: m.reply.map(async_nats::Subject::into_string),
+                    subject: m.subject.into(),
+                    reply: m.reply.map(Into::into),
                     payload: m.payload,
                 }))
             });

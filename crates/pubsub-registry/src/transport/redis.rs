@@ -486,7 +486,7 @@ impl Subs {
         };
         let Some(members) = members else { return };
         let message = Message {
-            subject: subject.to_string(),
+            subject: subject.into(),
             reply: None,
             payload: Bytes::copy_from_slice(msg.get_payload_bytes()),
         };
