@@ -364,7 +364,7 @@ fn decode_plain(payload: &[u8]) -> Option<Announcement> {
 
 /// Most `kv` entries [`decode_plain`] takes: real announcements carry a
 /// handful, and a hostile payload's thousands are left to the serde path.
-const MAX_PLAIN_KV: usize = 16;
+const MAX_PLAIN_KV: usize = 32;
 
 /// A cursor over valid UTF-8 JSON for [`decode_plain`]. Every method returns
 /// `None` on anything outside the plain shape; none can panic.
@@ -512,12 +512,12 @@ pub fn encode_unregister(service: &Service) -> Vec<u8> {
 
 fn encode(service: &Service, t: Option<WireTime>, status: Status) -> Vec<u8> {
     let text = [
-        ("net", &service.network),
-        ("add", &service.address),
-        ("url", &service.url),
-        ("name", &service.name),
-        ("v", &service.version),
-        ("h", &service.host),
+        (Field::Net, &service.network),
+        (Field::Add, &service.address),
+        (Field::Url, &service.url),
+        (Field::Name, &service.name),
+        (Field::V, &service.version),
+        (Field::H, &service.host),
     ];
     // Sized for the whole payload up front (keys, quotes and `t` fit in
     // the constant), so it is written without growing.
@@ -527,22 +527,22 @@ fn encode(service: &Service, t: Option<WireTime>, status: Status) -> Vec<u8> {
     // fields (a test holds it to that), in a fraction of its time.
     out.push(b'{');
     let mut first = true;
-    let mut key = |out: &mut Vec<u8>, key: &str| {
+    let mut key = |out: &mut Vec<u8>, field: Field| {
         if !std::mem::take(&mut first) {
             out.push(b',');
         }
         out.push(b'"');
-        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(field.key().as_bytes());
         out.extend_from_slice(b"\":");
     };
-    for (name, value) in text {
+    for (field, value) in text {
         if !value.is_empty() {
-            key(&mut out, name);
+            key(&mut out, field);
             json_string(&mut out, value);
         }
     }
     if !service.kv.is_empty() {
-        key(&mut out, "kv");
+        key(&mut out, Field::Kv);
         out.push(b'{');
         for (i, (k, v)) in service.kv.iter().enumerate() {
             if i > 0 {
@@ -555,7 +555,8 @@ fn encode(service: &Service, t: Option<WireTime>, status: Status) -> Vec<u8> {
         out.push(b'}');
     }
     if let Some(t) = t {
-        key(&mut out, "t");
+        key(&mut out, Field::T);
+        // `t`'s keys capitalised, as Go writes them.
         out.extend_from_slice(b"{\"Registered\":");
         json_int(&mut out, t.registered);
         out.extend_from_slice(b",\"Duration\":");
@@ -563,7 +564,7 @@ fn encode(service: &Service, t: Option<WireTime>, status: Status) -> Vec<u8> {
         out.push(b'}');
     }
     if status != Status::Passing {
-        key(&mut out, "status");
+        key(&mut out, Field::Status);
         json_string(&mut out, status.as_str());
     }
     out.push(b'}');
@@ -745,7 +746,7 @@ impl Field {
         Field::Duration,
     ];
 
-    /// The key as the Go package writes it, in lower case.
+    /// The key in lower case (the Go package capitalises `t`'s two).
     fn key(self) -> &'static str {
         match self {
             Field::Net => "net",
@@ -765,22 +766,10 @@ impl Field {
     /// The field `key` names, without regard to ASCII case (by [`Key`] and
     /// [`decode_plain`] alike).
     fn of(key: &str) -> Option<Field> {
-        // By length first: one comparison for most keys, not eleven.
-        let candidates: &[Field] = match key.len() {
-            1 => &[Field::V, Field::H, Field::T],
-            2 => &[Field::Kv],
-            3 => &[Field::Net, Field::Add, Field::Url],
-            4 => &[Field::Name],
-            6 => &[Field::Status],
-            8 => &[Field::Duration],
-            10 => &[Field::Registered],
-            _ => return None,
-        };
-        // Exactly as written first: how the Go package writes all but `t`'s.
-        candidates
-            .iter()
-            .copied()
-            .find(|f| f.key() == key || f.key().eq_ignore_ascii_case(key))
+        // A length check ends most comparisons at once.
+        Field::ALL
+            .into_iter()
+            .find(|f| f.key().eq_ignore_ascii_case(key))
     }
 }
 
