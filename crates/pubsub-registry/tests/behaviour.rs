@@ -650,10 +650,14 @@ async fn observer_of_a_victim(
     b.observe_all().await.unwrap();
     let mut events = b.events();
     let raw = env.raw().await;
+    // An hour's interval: a flood over Redis (a round trip per message)
+    // can outlast the default 20 s x 1.5 on a loaded machine, and the
+    // victim must not expire while it is attacked: expiry is tested
+    // elsewhere.
     env.publish(
         &raw,
         "registry.register.victim",
-        r#"{"name":"victim","add":"10.0.0.1:1"}"#,
+        r#"{"name":"victim","add":"10.0.0.1:1","t":{"Duration":3600000}}"#,
     )
     .await;
     next_event(&mut events, EventKind::Registered, "10.0.0.1:1").await;
