@@ -137,7 +137,22 @@ pub fn validate_main_topic(topic: &str) -> Result<(), NameError> {
 }
 
 fn check(name: &str, what: &'static str) -> Result<(), NameError> {
-    let reason = if name.is_empty() {
+    if plainly_valid(name) {
+        return Ok(());
+    }
+    match fault(name) {
+        None => Ok(()),
+        Some(reason) => Err(NameError {
+            what,
+            name: name.chars().take(80).collect(),
+            reason,
+        }),
+    }
+}
+
+/// The first rule `name` breaks, in the order the rules are documented.
+fn fault(name: &str) -> Option<&'static str> {
+    Some(if name.is_empty() {
         "it is empty"
     } else if name.len() > MAX_NAME_LEN {
         "it is longer than 256 bytes"
@@ -150,13 +165,37 @@ fn check(name: &str, what: &'static str) -> Result<(), NameError> {
     } else if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
         "it contains whitespace or a control character"
     } else {
-        return Ok(());
-    };
-    Err(NameError {
-        what,
-        name: name.chars().take(80).collect(),
-        reason,
+        return None;
     })
+}
+
+/// Whether `name` passes [`check`], decided in one pass over its bytes for
+/// the names every message carries (printable ASCII). `false` leaves the
+/// verdict, and the reason, to `check`'s rules (any non-ASCII name among
+/// them: Unicode whitespace and control characters are found by `char`).
+fn plainly_valid(name: &str) -> bool {
+    // Printable ASCII but the wildcards: space and below are whitespace or
+    // control, as is DEL; above DEL is not ASCII.
+    const ALLOWED: [bool; 256] = {
+        let mut allowed = [false; 256];
+        let mut b = b'!';
+        while b < 0x7f {
+            allowed[b as usize] = b != b'*' && b != b'>';
+            b += 1;
+        }
+        allowed
+    };
+    // Starting as if after a dot rejects a leading dot as an empty
+    // segment, and ending after one is a trailing dot (or an empty name).
+    let mut after_dot = true;
+    for &b in name.as_bytes() {
+        let dot = b == b'.';
+        if !ALLOWED[usize::from(b)] || (dot && after_dot) {
+            return false;
+        }
+        after_dot = dot;
+    }
+    !after_dot && name.len() <= MAX_NAME_LEN
 }
 
 /// A decoded register or unregister payload.
@@ -244,7 +283,7 @@ pub(crate) fn decode_on(payload: &[u8], subject_name: &str) -> Result<Announceme
     // Nearly every payload has the plain shape, read by hand in a fraction
     // of serde's time; anything else, valid or not, goes through serde, so
     // what is accepted and every error stay those of the serde path.
-    let a = match decode_plain(payload) {
+    let a = match decode_canonical(payload).or_else(|| decode_plain(payload)) {
         Some(a) => a,
         None => decode_serde(payload)?,
     };
@@ -362,6 +401,51 @@ fn decode_plain(payload: &[u8]) -> Option<Announcement> {
     Some(a)
 }
 
+/// Reads the exact layout [`encode`] and the Go package write (their
+/// fields in their order, keys as they spell them, no whitespace), where
+/// the one candidate key at each point is compared as a whole, instead of
+/// being read and then looked up. `None` for anything else, which
+/// [`decode_plain`] then reads: values are read as it reads them, so this
+/// only has to agree with serde on the layout.
+fn decode_canonical(payload: &[u8]) -> Option<Announcement> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let mut p = Plain { text, at: 0 };
+    let mut a = Announcement::default();
+    let s = &mut a.service;
+    p.lit(b"{")?;
+    // Each key is tried once, in order, and only after `{` or a comma.
+    let mut open = true;
+    for (key, slot) in [
+        (&b"\"net\":"[..], &mut s.network),
+        (b"\"add\":", &mut s.address),
+        (b"\"url\":", &mut s.url),
+        (b"\"name\":", &mut s.name),
+        (b"\"v\":", &mut s.version),
+        (b"\"h\":", &mut s.host),
+    ] {
+        if let Some(value) = p.string_field(key, &mut open)? {
+            *slot = value.into();
+        }
+    }
+    if open && p.lit(b"\"kv\":").is_some() {
+        s.kv = p.kv()?;
+        open = p.lit(b",").is_some();
+    }
+    if open && p.lit(b"\"t\":").is_some() {
+        (a.registered_ms, a.duration_ms) = p.canonical_time()?;
+        open = p.lit(b",").is_some();
+    }
+    if let Some(status) = p.string_field(b"\"status\":", &mut open)? {
+        // Unknown statuses are passing, as in `WireVisitor`.
+        a.status = status.parse().unwrap_or_default();
+    }
+    // A comma must have been followed by a key.
+    (!open || p.at == 1).then_some(())?;
+    p.lit(b"}")?;
+    p.end()?;
+    Some(a)
+}
+
 /// Most `kv` entries [`decode_plain`] takes: real announcements carry a
 /// handful, and a hostile payload's thousands are left to the serde path.
 const MAX_PLAIN_KV: usize = 32;
@@ -385,6 +469,28 @@ impl<'a> Plain<'a> {
             self.at += 1;
         }
         None
+    }
+
+    /// Takes `literal`, if the text goes on with exactly it (no whitespace
+    /// first).
+    #[inline(always)]
+    fn lit(&mut self, literal: &'static [u8]) -> Option<()> {
+        let rest = self.text.as_bytes().get(self.at..)?;
+        rest.starts_with(literal).then(|| self.at += literal.len())
+    }
+
+    /// For [`decode_canonical`]: `key` and its string value, if a key may
+    /// come (`open`) and it is `key`; `open` then says whether a comma
+    /// followed. `Some(None)` if the key is not there, `None` if its value
+    /// is not a plain string.
+    #[inline(always)]
+    fn string_field(&mut self, key: &'static [u8], open: &mut bool) -> Option<Option<&'a str>> {
+        if !(*open && self.lit(key).is_some()) {
+            return Some(None);
+        }
+        let value = self.string()?;
+        *open = self.lit(b",").is_some();
+        Some(Some(value))
     }
 
     /// Takes `byte`, after whitespace.
@@ -465,6 +571,24 @@ impl<'a> Plain<'a> {
             Some(())
         })?;
         Some(entries[..n].iter().copied().collect())
+    }
+
+    /// `t` as Go writes it (`{"Registered":1,"Duration":2}`), else as
+    /// [`time`](Self::time) reads it.
+    fn canonical_time(&mut self) -> Option<(Option<i64>, Option<i64>)> {
+        let start = self.at;
+        let canonical = (|| {
+            self.lit(b"{\"Registered\":")?;
+            let registered = self.int()?;
+            self.lit(b",\"Duration\":")?;
+            let duration = self.int()?;
+            self.lit(b"}")?;
+            Some((Some(registered), Some(duration)))
+        })();
+        canonical.or_else(|| {
+            self.at = start;
+            self.time()
+        })
     }
 
     /// `t`: (`Registered`, `Duration`), matched as [`TimeSeed`] does, each
@@ -632,21 +756,8 @@ fn unescaped_len(bytes: &[u8]) -> usize {
 
 /// `n` in decimal.
 fn json_int(out: &mut Vec<u8>, n: i64) {
-    if n < 0 {
-        out.push(b'-');
-    }
-    let mut n = n.unsigned_abs();
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
+    // serde_json's own digits (it writes integers with itoa).
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 struct WireTime {
@@ -766,10 +877,32 @@ impl Field {
     /// The field `key` names, without regard to ASCII case (by [`Key`] and
     /// [`decode_plain`] alike).
     fn of(key: &str) -> Option<Field> {
-        // A length check ends most comparisons at once.
-        Field::ALL
-            .into_iter()
-            .find(|f| f.key().eq_ignore_ascii_case(key))
+        // Every message has nine keys or so: comparing each with all eleven
+        // was a sixth of the listener's instructions (callgrind). No two
+        // keys share a length and a first letter, so those pick the one
+        // candidate.
+        let field = match (key.len(), key.as_bytes().first()? | 0x20) {
+            (1, b'v') => Field::V,
+            (1, b'h') => Field::H,
+            (1, b't') => Field::T,
+            (2, b'k') => Field::Kv,
+            (3, b'n') => Field::Net,
+            (3, b'a') => Field::Add,
+            (3, b'u') => Field::Url,
+            (4, b'n') => Field::Name,
+            (6, b's') => Field::Status,
+            (8, b'd') => Field::Duration,
+            (10, b'r') => Field::Registered,
+            _ => return None,
+        };
+        // Keys are lower-case letters. Setting bit 5 lower-cases a letter,
+        // and no byte but a letter's two cases lands on a lower-case letter
+        // that way, so this is exactly `eq_ignore_ascii_case`, without its
+        // branch per byte.
+        let differ = (key.bytes())
+            .zip(field.key().bytes())
+            .fold(0, |d, (b, k)| d | ((b | 0x20) ^ k));
+        (key.len() == field.key().len() && differ == 0).then_some(field)
     }
 }
 
@@ -859,6 +992,35 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn the_one_pass_name_check_agrees_with_the_rules(
+            chars in proptest::collection::vec(
+                proptest::prop_oneof![
+                    4 => proptest::char::range('a', 'c'),
+                    3 => proptest::strategy::Just('.'),
+                    1 => proptest::sample::select(vec!['*', '>', ' ', '\t', '\0', '\x1f', '\x7f']),
+                    1 => proptest::sample::select(vec!['\u{85}', '\u{a0}', '\u{3000}', 'é']),
+                    1 => proptest::arbitrary::any::<char>(),
+                ],
+                0..10,
+            ),
+            long in 250usize..262,
+        ) {
+            let name: String = chars.into_iter().collect();
+            let long = format!("{name}{}", "a".repeat(long));
+            for name in [name.as_str(), long.as_str()] {
+                // It may send a valid non-ASCII name to the rules, never a
+                // bad one through.
+                if plainly_valid(name) {
+                    proptest::prop_assert_eq!(fault(name), None, "{:?}", name);
+                } else if name.is_ascii() {
+                    proptest::prop_assert!(fault(name).is_some(), "{:?}", name);
+                }
+            }
+        }
+    }
+
     #[test]
     fn key_case_and_nulls() {
         let brackets =
@@ -918,13 +1080,19 @@ mod tests {
 
     const GO_VECTOR: &[u8] = br#"{"net":"tcp","add":"127.0.0.1:8081","url":"http://127.0.0.1:8081/api","name":"wiredemo","v":"1.2.3","h":"vm","kv":{"zone":"a"},"t":{"Registered":1795535104541,"Duration":20000}}"#;
 
-    /// Whatever the plain path makes of `payload` is what serde makes of it,
-    /// and `decode` answers as the serde path alone does, errors included.
+    /// Whatever the canonical and the plain paths make of `payload` is what
+    /// serde makes of it, and `decode` answers as the serde path alone
+    /// does, errors included.
     fn agree(payload: &[u8]) -> Result<(), String> {
-        if let Some(plain) = decode_plain(payload) {
-            match decode_serde(payload) {
-                Ok(serde) if serde == plain => {}
-                other => return Err(format!("plain {plain:?}, serde {other:?}")),
+        for (path, decoded) in [
+            ("canonical", decode_canonical(payload)),
+            ("plain", decode_plain(payload)),
+        ] {
+            if let Some(ours) = decoded {
+                match decode_serde(payload) {
+                    Ok(serde) if serde == ours => {}
+                    other => return Err(format!("{path} {ours:?}, serde {other:?}")),
+                }
             }
         }
         let (with, without) = (
@@ -951,6 +1119,8 @@ mod tests {
 
     #[test]
     fn the_go_vector_takes_the_plain_path() {
+        let canonical = decode_canonical(GO_VECTOR).expect("canonical path");
+        assert_eq!(canonical, decode_serde(GO_VECTOR).unwrap());
         let plain = decode_plain(GO_VECTOR).expect("plain path");
         assert_eq!(plain, decode_serde(GO_VECTOR).unwrap());
         assert_eq!(plain.service.url, "http://127.0.0.1:8081/api");
@@ -1012,9 +1182,38 @@ mod tests {
             "{\"name\":\"wiredemo\",\"add\":\"h\t1\"}",
             "{\"name\":\"wiredemo\",\u{a0}\"add\":\"h:1\"}",
         ];
+        // In the encoder's order and spelling, whatever the values.
+        let canonical = [
+            r#"{"add":"h:1","name":"wiredemo"}"#,
+            r#"{"add":"h:1","name":"wiredemo","kv":{"a":"1"},"status":"warning"}"#,
+            r#"{"add":"h:1","name":"wiredemo","t":{"registered":1,"duration":2}}"#,
+            r#"{"add":"h:1","name":"wiredemo","t":{"Duration":2}}"#,
+            r#"{"add": "h:1","name":"wiredemo","t":{"Registered":1,"Duration": 2}}"#,
+            "{\"add\":\"h:1\",\"name\":\"wiredemo\"}\n",
+        ];
+        // In that order but broken, or out of it.
+        let not_canonical = [
+            r#"{"add":"h:1","name":"wiredemo",}"#,
+            r#"{,"add":"h:1","name":"wiredemo"}"#,
+            r#"{"add":"h:1""name":"wiredemo"}"#,
+            r#"{"add":"h:1",,"name":"wiredemo"}"#,
+            r#"{"add":"h:1","name":"wiredemo","t":{"Registered":1,"Duration":2},}"#,
+            r#"{"add":"h:1","name":"wiredemo","status":"warning",}"#,
+            r#"{"name":"wiredemo","add":"h:1"}"#,
+            r#"{"add":"h:1","Name":"wiredemo"}"#,
+            r#"{ "add":"h:1","name":"wiredemo"}"#,
+        ];
+        for payload in canonical {
+            assert!(decode_canonical(payload.as_bytes()).is_some(), "{payload}");
+        }
+        for payload in not_canonical.iter().chain(&left_to_serde) {
+            assert!(decode_canonical(payload.as_bytes()).is_none(), "{payload}");
+        }
+        for payload in canonical.iter().chain(&not_canonical).chain(&taken) {
+            agree(payload.as_bytes()).unwrap_or_else(|e| panic!("{payload}: {e}"));
+        }
         for payload in taken {
             assert!(decode_plain(payload.as_bytes()).is_some(), "{payload}");
-            agree(payload.as_bytes()).unwrap_or_else(|e| panic!("{payload}: {e}"));
         }
         for payload in left_to_serde {
             assert!(decode_plain(payload.as_bytes()).is_none(), "{payload}");
@@ -1294,14 +1493,14 @@ mod tests {
 
         /// Replaces, deletes or inserts a byte, or cuts the payload short.
         #[derive(Clone, Debug)]
-        enum Edit {
+        pub(super) enum Edit {
             Set(Index, u8),
             Delete(Index),
             Insert(Index, u8),
             Truncate(Index),
         }
 
-        fn edit() -> impl Strategy<Value = Edit> {
+        pub(super) fn edit() -> impl Strategy<Value = Edit> {
             let byte = prop_oneof![
                 any::<u8>(),
                 select(b"{}[]\":,\\ \t0-9eE.nul\x00\x80\xc3".to_vec()),
@@ -1314,7 +1513,7 @@ mod tests {
             ]
         }
 
-        fn apply(payload: &mut Vec<u8>, edit: &Edit) {
+        pub(super) fn apply(payload: &mut Vec<u8>, edit: &Edit) {
             let len = payload.len();
             match *edit {
                 Edit::Set(ref i, b) if len > 0 => payload[i.index(len)] = b,
@@ -1436,6 +1635,28 @@ mod tests {
             }
         }
 
+        /// Every key with any one byte replaced (by any byte, in any
+        /// position) is matched as the plain case-blind comparison matches it.
+        #[test]
+        fn a_key_matches_as_eq_ignore_ascii_case_does() {
+            let reference = |key: &[u8]| {
+                Field::ALL
+                    .into_iter()
+                    .find(|f| f.key().as_bytes().eq_ignore_ascii_case(key))
+            };
+            for f in Field::ALL {
+                for at in 0..f.key().len() {
+                    for b in 0..=255u8 {
+                        let mut key = f.key().as_bytes().to_vec();
+                        key[at] = b;
+                        let found = std::str::from_utf8(&key).ok().and_then(Field::of);
+                        let expected = std::str::from_utf8(&key).ok().and(reference(&key));
+                        assert_eq!(found, expected, "{key:?}");
+                    }
+                }
+            }
+        }
+
         proptest! {
             #[test]
             fn unescaped_len_stops_at_the_first_byte_to_escape(
@@ -1500,6 +1721,35 @@ mod tests {
                 );
                 let reference = super::serde_reference::encode(&s, t, status);
                 prop_assert_eq!(String::from_utf8(ours).unwrap(), String::from_utf8(reference).unwrap());
+            }
+
+            /// The fast path reads what the encoder writes, whole or
+            /// damaged, as serde does; and an announcement with nothing to
+            /// escape always takes it.
+            #[test]
+            fn the_canonical_path_reads_what_the_encoder_writes(
+                s in service(),
+                t in proptest::option::of((any::<i64>(), any::<i64>())),
+                status in status(),
+                edits in proptest::collection::vec(super::generated::edit(), 0..3),
+            ) {
+                let time = t.map(|(registered, duration)| WireTime { registered, duration });
+                let mut payload = encode(&s, time, status);
+                let plain = |x: &str| unescaped_len(x.as_bytes()) == x.len();
+                let texts = [&s.network, &s.address, &s.url, &s.name, &s.version, &s.host];
+                if edits.is_empty()
+                    && texts.iter().all(|x| plain(x))
+                    && s.kv.iter().all(|(k, v)| plain(k) && plain(v))
+                    && t.is_none_or(|(r, d)| r >= 0 && d >= 0)
+                {
+                    prop_assert!(decode_canonical(&payload).is_some());
+                }
+                for edit in &edits {
+                    super::generated::apply(&mut payload, edit);
+                }
+                if let Err(e) = super::agree(&payload) {
+                    prop_assert!(false, "{:?}: {}", String::from_utf8_lossy(&payload), e);
+                }
             }
         }
 
