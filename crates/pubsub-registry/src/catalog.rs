@@ -79,26 +79,29 @@ pub(crate) struct Catalog {
 
 #[derive(Default)]
 struct Writer {
-    names: HashMap<Arc<str>, NameState, Hasher>,
-    /// Names by number, for heap entries (names are never forgotten).
-    ids: Vec<Arc<str>>,
+    /// Each name's number: its place in `states` (names are never
+    /// forgotten, so numbers are never reused).
+    ids: HashMap<Arc<str>, u32, Hasher>,
+    /// By number: heap entries name a name by it.
+    states: Vec<NameState>,
     heap: DueHeap<Tick, Due>,
     /// Instances tracked (slots in all names).
     live: usize,
-    /// Names changed since the last commit.
-    dirty: Vec<Arc<str>>,
+    /// Numbers of the names changed since the last commit.
+    dirty: Vec<u32>,
 }
 
 impl Writer {
     /// Drops an instance from its name's slots, its next snapshot and the
     /// count of instances.
     fn remove(&mut self, name: &str, address: &str) -> Option<Slot> {
-        let state = self.names.get_mut(name)?;
-        let (slot, moved) = state.remove(&mut self.dirty, address)?;
+        let id = *self.ids.get(name)?;
+        let state = &mut self.states[id as usize];
+        let (slot, moved) = state.remove(id, &mut self.dirty, address)?;
         if let Some(scheduled) = moved {
             // The instance that took the hole is looked for there from now
             // on; its entry at the old position is no longer its own.
-            let due = Due::new(state.id, slot.pos);
+            let due = Due::new(id, slot.pos);
             // Never before the timer: the entry for its old position, due
             // at the same time, is still in the heap (or, during an expiry
             // round, the round arms the timer afterwards).
@@ -112,8 +115,7 @@ impl Writer {
     /// `at`. Any slot found this way is one whose check is due at `at`,
     /// whichever entry brought it up.
     fn due_slot(&mut self, at: Tick, d: Due) -> Option<(&Arc<str>, &mut Slot)> {
-        let name = self.ids.get(d.name as usize)?;
-        let state = self.names.get_mut(name)?;
+        let state = self.states.get_mut(d.name as usize)?;
         let published;
         let snapshot = match &state.pending {
             Some(next) => next,
@@ -124,7 +126,7 @@ impl Writer {
         };
         let instance = snapshot.get(d.pos as usize)?;
         let slot = state.slots.get_mut(instance.address())?;
-        (slot.scheduled == at).then_some((name, slot))
+        (slot.scheduled == at).then_some((&state.name, slot))
     }
 
     /// Drops the heap entries of instances removed since (and entries an
@@ -144,8 +146,6 @@ impl Writer {
 
 struct NameState {
     name: Arc<str>,
-    /// Its number in [`Writer::ids`].
-    id: u32,
     entry: Arc<NameEntry>,
     /// By address (inline for addresses up to 24 bytes: no allocation).
     slots: HashMap<CompactString, Slot, Hasher>,
@@ -301,8 +301,8 @@ impl Catalog {
             return e.clone();
         }
         let mut w = self.lock();
-        let w = &mut *w;
-        self.state(&mut w.names, &mut w.ids, name).entry.clone()
+        let id = self.id(&mut w, name);
+        w.states[id as usize].entry.clone()
     }
 
     /// Names with at least one instance, sorted.
@@ -336,9 +336,11 @@ impl Catalog {
         changes: impl IntoIterator<Item = Change>,
         factor: f64,
     ) -> Vec<Event> {
+        let changes = changes.into_iter();
         let mut guard = self.lock();
         let w = &mut *guard;
-        let mut events = Vec::new();
+        // Most changes raise an event: sized once, not grown along the batch.
+        let mut events = Vec::with_capacity(changes.size_hint().0);
         // Read once: a batch is taken in at one time (clock reads are a
         // noticeable part of a message's cost on a VM).
         let batch = Batch {
@@ -403,14 +405,15 @@ impl Catalog {
         let due = batch
             .at
             .after(interval.min(MAX_DUE).mul_f64(batch.factor).min(MAX_DUE));
-        let state = self.state(&mut w.names, &mut w.ids, &service.name);
+        let id = self.id(w, &service.name);
+        let state = &mut w.states[id as usize];
         let (event, push) = match state.slots.get_mut(service.address.as_str()) {
             Some(slot) => {
                 slot.due = due;
                 // Only an interval that shrank needs an earlier heap entry.
                 let push = (due < slot.scheduled).then(|| {
                     slot.scheduled = due;
-                    Due::new(state.id, slot.pos)
+                    Due::new(id, slot.pos)
                 });
                 if slot.instance.same_as(&service, status) {
                     slot.instance.touch(sent, batch.wall);
@@ -421,7 +424,7 @@ impl Catalog {
                         Arc::new(Instance::new(service, status, interval, sent, batch.wall));
                     slot.instance = instance.clone();
                     let (pos, replaced) = (slot.pos, instance.clone());
-                    state.change(&mut w.dirty, move |v| v.set(pos, replaced));
+                    state.change(id, &mut w.dirty, move |v| v.set(pos, replaced));
                     let kind = if previous == status {
                         EventKind::Registered
                     } else {
@@ -434,7 +437,7 @@ impl Catalog {
                 let address = service.address.clone();
                 let instance = Arc::new(Instance::new(service, status, interval, sent, batch.wall));
                 let added = instance.clone();
-                let pos = state.change(&mut w.dirty, move |v| v.push(added));
+                let pos = state.change(id, &mut w.dirty, move |v| v.push(added));
                 w.live += 1;
                 state.slots.insert(
                     address.clone(),
@@ -445,7 +448,7 @@ impl Catalog {
                         scheduled: due,
                     },
                 );
-                let push = Due::new(state.id, pos);
+                let push = Due::new(id, pos);
                 let event = Event {
                     kind: EventKind::Registered,
                     instance,
@@ -473,13 +476,12 @@ impl Catalog {
 
     /// Publishes the snapshots a batch changed, and wakes their waiters.
     fn commit(&self, w: &mut Writer) {
-        for name in w.dirty.drain(..) {
-            if let Some(state) = w.names.get_mut(&name) {
-                if let Some(v) = state.pending.take() {
-                    state.entry.instances.store(Arc::new(v));
-                    state.entry.version.fetch_add(1, Ordering::Release);
-                    state.entry.changed.notify_waiters();
-                }
+        for id in w.dirty.drain(..) {
+            let state = &mut w.states[id as usize];
+            if let Some(v) = state.pending.take() {
+                state.entry.instances.store(Arc::new(v));
+                state.entry.version.fetch_add(1, Ordering::Release);
+                state.entry.changed.notify_waiters();
             }
         }
     }
@@ -521,30 +523,24 @@ impl Catalog {
         self.lock().live
     }
 
-    fn state<'w>(
-        &self,
-        names: &'w mut HashMap<Arc<str>, NameState, Hasher>,
-        ids: &mut Vec<Arc<str>>,
-        name: &str,
-    ) -> &'w mut NameState {
-        if !names.contains_key(name) {
-            let name: Arc<str> = name.into();
-            let entry = Arc::new(NameEntry::default());
-            self.names.pin().insert(name.clone(), entry.clone());
-            let id = u32::try_from(ids.len()).expect("fewer than 2^32 names");
-            ids.push(name.clone());
-            names.insert(
-                name.clone(),
-                NameState {
-                    name,
-                    id,
-                    entry,
-                    slots: HashMap::default(),
-                    pending: None,
-                },
-            );
+    /// The number of a name's state, made empty (and visible to readers)
+    /// on first use.
+    fn id(&self, w: &mut Writer, name: &str) -> u32 {
+        if let Some(&id) = w.ids.get(name) {
+            return id;
         }
-        names.get_mut(name).expect("inserted above")
+        let name: Arc<str> = name.into();
+        let entry = Arc::new(NameEntry::default());
+        self.names.pin().insert(name.clone(), entry.clone());
+        let id = u32::try_from(w.states.len()).expect("fewer than 2^32 names");
+        w.ids.insert(name.clone(), id);
+        w.states.push(NameState {
+            name,
+            entry,
+            slots: HashMap::default(),
+            pending: None,
+        });
+        id
     }
 
     fn tick(&self, at: Instant) -> Tick {
@@ -587,11 +583,16 @@ impl NameState {
     /// Changes the next snapshot, starting it from the current one on the
     /// first change of a batch (a copy of the list of chunks, which share
     /// their instances until changed).
-    fn change<R>(&mut self, dirty: &mut Vec<Arc<str>>, change: impl FnOnce(&mut Chunks) -> R) -> R {
+    fn change<R>(
+        &mut self,
+        id: u32,
+        dirty: &mut Vec<u32>,
+        change: impl FnOnce(&mut Chunks) -> R,
+    ) -> R {
         let pending = match &mut self.pending {
             Some(v) => v,
             None => {
-                dirty.push(self.name.clone());
+                dirty.push(id);
                 self.pending
                     .insert(Chunks::clone(&self.entry.instances.load()))
             }
@@ -602,11 +603,16 @@ impl NameState {
     /// Drops an instance from the slots and the next snapshot. The last
     /// instance of the snapshot takes its place: its slot learns the move,
     /// and its scheduled check is returned, to be found at the new place.
-    fn remove(&mut self, dirty: &mut Vec<Arc<str>>, address: &str) -> Option<(Slot, Option<Tick>)> {
+    fn remove(
+        &mut self,
+        id: u32,
+        dirty: &mut Vec<u32>,
+        address: &str,
+    ) -> Option<(Slot, Option<Tick>)> {
         let slot = self.slots.remove(address)?;
         let pos = slot.pos;
         let mut moved_check = None;
-        if let Some(moved) = self.change(dirty, |v| v.swap_remove(pos)) {
+        if let Some(moved) = self.change(id, dirty, |v| v.swap_remove(pos)) {
             if let Some(s) = self.slots.get_mut(moved.address()) {
                 s.pos = pos;
                 moved_check = Some(s.scheduled);
@@ -849,7 +855,7 @@ mod tests {
     /// exactly the slots' instances.
     fn check_positions(c: &Catalog, name: &str) -> Vec<(String, Status)> {
         let w = c.lock();
-        let state = &w.names[name];
+        let state = &w.states[w.ids[name] as usize];
         let published = state.entry.instances.load();
         assert_eq!(published.len(), state.slots.len());
         for (address, slot) in &state.slots {

@@ -6,6 +6,7 @@
 //! [`catalog`](crate::catalog) takes it in, and the change goes out as an
 //! [`Event`] to the callback and the event streams; lookups read the catalog.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -457,6 +458,35 @@ enum Listener {
     Pinged,
     /// "Ping all" (see [`Registry::ping_all`]).
     PingAll,
+}
+
+/// The last subject a listener found well formed, with its kind and where
+/// its name starts. A burst, and every heartbeat of a name, repeats one
+/// subject: comparing it with this one costs less than taking it apart and
+/// checking its name again.
+#[derive(Default)]
+struct LastSubject {
+    text: String,
+    kind: Option<Kind>,
+    name_at: usize,
+}
+
+impl LastSubject {
+    /// `subject`'s kind and name, if it is the last subject.
+    fn get<'s>(&self, subject: &'s str) -> Option<(Kind, &'s str)> {
+        let kind = self.kind.filter(|_| self.text == subject)?;
+        Some((kind, &subject[self.name_at..]))
+    }
+
+    /// Remembers a well-formed subject and the name at its end.
+    fn set(&mut self, subject: &str, kind: Kind, name: &str) {
+        // Reused, so a stream of ever different subjects costs a copy each,
+        // not an allocation.
+        self.text.clear();
+        self.text.push_str(subject);
+        self.kind = Some(kind);
+        self.name_at = subject.len() - name.len();
+    }
 }
 
 #[derive(Default)]
@@ -1142,6 +1172,7 @@ impl Inner {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut changes = Vec::new();
+            let mut last = LastSubject::default();
             while let Some(first) = messages.next().await {
                 let Some(inner) = weak.upgrade() else { return };
                 // Take whatever else is already waiting: the cache then
@@ -1149,7 +1180,7 @@ impl Inner {
                 let mut next = Some(first);
                 let mut taken = 0;
                 while let Some(msg) = next {
-                    inner.handle(msg, listener, &mut changes).await;
+                    inner.handle(msg, listener, &mut last, &mut changes).await;
                     taken += 1;
                     next = if taken < MAX_BATCH {
                         messages.next().now_or_never().flatten()
@@ -1171,22 +1202,36 @@ impl Inner {
     }
 
     /// Checks a message; what it asks of the cache goes to `changes`.
-    async fn handle(self: &Arc<Self>, msg: Message, listener: Listener, changes: &mut Vec<Change>) {
+    async fn handle(
+        self: &Arc<Self>,
+        msg: Message,
+        listener: Listener,
+        last: &mut LastSubject,
+        changes: &mut Vec<Change>,
+    ) {
         self.counters.received.fetch_add(1, Ordering::Relaxed);
-        if protocol::is_ping_all(&self.opts.main_topic, &msg.subject) {
-            // An observer's `<main>.>` sees it too: not a malformed message.
-            if let Listener::PingAll = listener {
-                self.on_ping_all().await;
+        let (kind, name) = match last.get(&msg.subject) {
+            Some(known) => known,
+            None => {
+                let main = &self.opts.main_topic;
+                if protocol::is_ping_all(main, &msg.subject) {
+                    // An observer's `<main>.>` sees it too: not a malformed
+                    // message.
+                    if let Listener::PingAll = listener {
+                        self.on_ping_all().await;
+                    }
+                    return;
+                }
+                let Some((kind, name)) = protocol::parse_subject(main, &msg.subject) else {
+                    return self.reject(&msg.subject, &"subject outside the main topic");
+                };
+                if let Err(e) = protocol::validate_name(name) {
+                    return self.reject(&msg.subject, &e);
+                }
+                last.set(&msg.subject, kind, name);
+                (kind, name)
             }
-            return;
-        }
-        let Some((kind, name)) = protocol::parse_subject(&self.opts.main_topic, &msg.subject)
-        else {
-            return self.reject(&msg.subject, &"subject outside the main topic");
         };
-        if let Err(e) = protocol::validate_name(name) {
-            return self.reject(&msg.subject, &e);
-        }
         match (kind, listener) {
             (Kind::Register, Listener::Observer) => {
                 changes.extend(self.on_announcement(name, &msg.payload))
@@ -1358,10 +1403,15 @@ impl Inner {
     /// and keeps the status and the schedule.
     fn record(&self, own: &mut Own, service: &Arc<Service>) -> Status {
         let key = (service.name.clone(), service.address.clone());
-        if let Some(r) = own.services.get_mut(&key) {
-            r.service = service.clone();
-            return r.status;
-        }
+        let vacant = match own.services.entry(key) {
+            Entry::Occupied(mut r) => {
+                let r = r.get_mut();
+                r.service = service.clone();
+                return r.status;
+            }
+            Entry::Vacant(v) => v,
+        };
+        let key = vacant.key().clone();
         own.last_beat += 1;
         let id = own.last_beat;
         let at = Instant::now() + phase(&key, self.opts.register_interval);
@@ -1375,16 +1425,13 @@ impl Inner {
             self.beat_timer.notify_one();
         }
         if let Some(p) = own.pings.get_mut(key.0.as_str()) {
-            p.keys.push(key.clone());
+            p.keys.push(key);
         }
-        own.services.insert(
-            key,
-            Registered {
-                service: service.clone(),
-                status: Status::Passing,
-                beat: id,
-            },
-        );
+        vacant.insert(Registered {
+            service: service.clone(),
+            status: Status::Passing,
+            beat: id,
+        });
         Status::Passing
     }
 
@@ -1533,8 +1580,9 @@ impl Drop for Inner {
 /// and address, so services registered together (10,000 at start-up) spread
 /// their heartbeats over the interval instead of sending them in one burst.
 fn phase(key: &Key, interval: Duration) -> Duration {
-    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-    let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
+    use std::hash::BuildHasher;
+    // Fixed seed: a registration keeps its phase for the process's life.
+    let h = foldhash::fast::FixedState::default().hash_one(key);
     interval.mul_f64((h % 1000 + 1) as f64 / 1000.0)
 }
 
@@ -1585,6 +1633,55 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each message's subject is checked as if it were the first, whatever
+    /// came before it on the same subject or on a bad one.
+    #[tokio::test]
+    async fn a_repeated_subject_is_checked_like_a_new_one() {
+        let bus = MemoryBus::new();
+        let observer = Registry::builder().memory(&bus).build().await.unwrap();
+        observer.observe_all().await.unwrap();
+        let announce = |subject: &str, name: &str, address: &str| {
+            let payload = protocol::encode_announcement(
+                &Service::new(name, address),
+                Status::Passing,
+                SystemTime::now(),
+                Duration::from_secs(20),
+            );
+            bus.publish(subject.to_string(), None, payload.into())
+        };
+        let settled = |instances: usize, rejected: u64| {
+            let observer = &observer;
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let stats = observer.stats();
+                    if (stats.instances, stats.rejected) == (instances, rejected) {
+                        return;
+                    }
+                    assert!(Instant::now() < deadline, "{stats:?}");
+                    tokio::task::yield_now().await;
+                }
+            }
+        };
+        announce("registry.register.a", "a", "a:1").await.unwrap();
+        settled(1, 0).await;
+        // A bad name right after a good one.
+        announce("registry.register.a b", "a b", "a:2")
+            .await
+            .unwrap();
+        settled(1, 1).await;
+        announce("registry.register.a", "a", "a:3").await.unwrap();
+        settled(2, 1).await;
+        // The subject just taken, with a payload of another name.
+        announce("registry.register.a", "b", "b:1").await.unwrap();
+        settled(2, 2).await;
+        // Another good subject is taken apart for its own name.
+        announce("registry.register.b", "b", "b:1").await.unwrap();
+        settled(3, 2).await;
+        assert_eq!(observer.get_services("b").await.unwrap().len(), 1);
+        assert_eq!(observer.get_services("a").await.unwrap().len(), 2);
+    }
 
     #[tokio::test]
     async fn churn_does_not_grow_the_heartbeat_heap() {
