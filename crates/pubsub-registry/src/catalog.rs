@@ -94,8 +94,7 @@ struct Writer {
 impl Writer {
     /// Drops an instance from its name's slots, its next snapshot and the
     /// count of instances.
-    fn remove(&mut self, name: &str, address: &str) -> Option<Slot> {
-        let id = *self.ids.get(name)?;
+    fn remove(&mut self, id: u32, address: &str) -> Option<Slot> {
         let state = &mut self.states[id as usize];
         let (slot, moved) = state.remove(id, &mut self.dirty, address)?;
         if let Some(scheduled) = moved {
@@ -114,7 +113,7 @@ impl Writer {
     /// The slot a heap entry points at, if that slot's entry comes up at
     /// `at`. Any slot found this way is one whose check is due at `at`,
     /// whichever entry brought it up.
-    fn due_slot(&mut self, at: Tick, d: Due) -> Option<(&Arc<str>, &mut Slot)> {
+    fn due_slot(&mut self, at: Tick, d: Due) -> Option<&mut Slot> {
         let state = self.states.get_mut(d.name as usize)?;
         let published;
         let snapshot = match &state.pending {
@@ -126,7 +125,7 @@ impl Writer {
         };
         let instance = snapshot.get(d.pos as usize)?;
         let slot = state.slots.get_mut(instance.address())?;
-        (slot.scheduled == at).then_some((&state.name, slot))
+        (slot.scheduled == at).then_some(slot)
     }
 
     /// Drops the heap entries of instances removed since (and entries an
@@ -145,7 +144,6 @@ impl Writer {
 }
 
 struct NameState {
-    name: Arc<str>,
     entry: Arc<NameEntry>,
     /// By address (inline for addresses up to 24 bytes: no allocation).
     slots: HashMap<CompactString, Slot, Hasher>,
@@ -466,7 +464,8 @@ impl Catalog {
     }
 
     fn remove_in(w: &mut Writer, name: &str, address: &str) -> Option<Event> {
-        let slot = w.remove(name, address)?;
+        let id = *w.ids.get(name)?;
+        let slot = w.remove(id, address)?;
         w.forget_stale_dues();
         Some(Event {
             kind: EventKind::Unregistered,
@@ -495,7 +494,7 @@ impl Catalog {
         let mut events = Vec::new();
         while let Some((at, d)) = w.heap.pop_due(now) {
             self.expiry_checks.fetch_add(1, Ordering::Relaxed);
-            let Some((name, slot)) = w.due_slot(at, d) else {
+            let Some(slot) = w.due_slot(at, d) else {
                 continue; // removed or moved since, or a stale extra entry
             };
             if slot.due > now {
@@ -504,8 +503,8 @@ impl Catalog {
                 w.heap.push(due, d);
                 continue;
             }
-            let (name, address) = (name.clone(), slot.instance.service.address.clone());
-            if let Some(slot) = w.remove(&name, &address) {
+            let address = slot.instance.service.address.clone();
+            if let Some(slot) = w.remove(d.name, &address) {
                 events.push(Event {
                     kind: EventKind::Expired,
                     instance: slot.instance,
@@ -533,9 +532,8 @@ impl Catalog {
         let entry = Arc::new(NameEntry::default());
         self.names.pin().insert(name.clone(), entry.clone());
         let id = u32::try_from(w.states.len()).expect("fewer than 2^32 names");
-        w.ids.insert(name.clone(), id);
+        w.ids.insert(name, id);
         w.states.push(NameState {
-            name,
             entry,
             slots: HashMap::default(),
             pending: None,

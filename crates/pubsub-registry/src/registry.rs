@@ -1634,55 +1634,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
-    /// Each message's subject is checked as if it were the first, whatever
-    /// came before it on the same subject or on a bad one.
-    #[tokio::test]
-    async fn a_repeated_subject_is_checked_like_a_new_one() {
-        let bus = MemoryBus::new();
-        let observer = Registry::builder().memory(&bus).build().await.unwrap();
-        observer.observe_all().await.unwrap();
-        let announce = |subject: &str, name: &str, address: &str| {
-            let payload = protocol::encode_announcement(
-                &Service::new(name, address),
-                Status::Passing,
-                SystemTime::now(),
-                Duration::from_secs(20),
-            );
-            bus.publish(subject.to_string(), None, payload.into())
-        };
-        let settled = |instances: usize, rejected: u64| {
-            let observer = &observer;
-            async move {
-                let deadline = Instant::now() + Duration::from_secs(10);
-                loop {
-                    let stats = observer.stats();
-                    if (stats.instances, stats.rejected) == (instances, rejected) {
-                        return;
-                    }
-                    assert!(Instant::now() < deadline, "{stats:?}");
-                    tokio::task::yield_now().await;
-                }
-            }
-        };
-        announce("registry.register.a", "a", "a:1").await.unwrap();
-        settled(1, 0).await;
-        // A bad name right after a good one.
-        announce("registry.register.a b", "a b", "a:2")
-            .await
-            .unwrap();
-        settled(1, 1).await;
-        announce("registry.register.a", "a", "a:3").await.unwrap();
-        settled(2, 1).await;
-        // The subject just taken, with a payload of another name.
-        announce("registry.register.a", "b", "b:1").await.unwrap();
-        settled(2, 2).await;
-        // Another good subject is taken apart for its own name.
-        announce("registry.register.b", "b", "b:1").await.unwrap();
-        settled(3, 2).await;
-        assert_eq!(observer.get_services("b").await.unwrap().len(), 1);
-        assert_eq!(observer.get_services("a").await.unwrap().len(), 2);
-    }
-
     #[tokio::test]
     async fn churn_does_not_grow_the_heartbeat_heap() {
         let bus = MemoryBus::new();

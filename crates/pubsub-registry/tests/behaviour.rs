@@ -51,6 +51,7 @@ suite!(
     foreign_announcements_are_understood,
     hostile_messages_are_counted_and_ignored,
     a_flood_of_hostile_messages_changes_nothing,
+    a_repeated_subject_is_checked_like_a_new_one,
     dropping_the_last_handle_unregisters,
     no_wait_and_timeouts,
     callback_and_streams,
@@ -954,6 +955,53 @@ async fn a_flood_of_hostile_messages_changes_nothing(env: Env) {
         c.get_service("pinged").await.unwrap().address(),
         "10.0.0.5:5"
     );
+}
+
+/// Each message's subject is checked as if it were the first, whatever came
+/// before it on the same subject or on a bad one (a listener remembers the
+/// last well-formed subject).
+async fn a_repeated_subject_is_checked_like_a_new_one(env: Env) {
+    let observer = env.registry().await;
+    observer.observe_all().await.unwrap();
+    let raw = env.raw().await;
+    let announce = |subject: String, name: String, address: &'static str| {
+        let payload = protocol::encode_announcement(
+            &Service::new(name, address),
+            Status::Passing,
+            std::time::SystemTime::now(),
+            Duration::from_secs(20),
+        );
+        let (env, raw) = (&env, &raw);
+        async move { env.publish(raw, &subject, payload).await }
+    };
+    let settled = |instances: usize, rejected: u64| {
+        let observer = &observer;
+        eventually(
+            "the announcement is taken or rejected",
+            move || async move {
+                let stats = observer.stats();
+                (stats.instances, stats.rejected) == (instances, rejected)
+            },
+        )
+    };
+    let subject = |name: &str| format!("registry.register.{name}");
+    // Too long for a name, though any broker carries it as a subject.
+    let bad = "a".repeat(protocol::MAX_NAME_LEN + 1);
+    announce(subject("a"), "a".into(), "a:1").await;
+    settled(1, 0).await;
+    // A bad name right after a good one.
+    announce(subject(&bad), bad.clone(), "a:2").await;
+    settled(1, 1).await;
+    announce(subject("a"), "a".into(), "a:3").await;
+    settled(2, 1).await;
+    // The subject just taken, with a payload of another name.
+    announce(subject("a"), "b".into(), "b:1").await;
+    settled(2, 2).await;
+    // Another good subject is taken apart for its own name.
+    announce(subject("b"), "b".into(), "b:1").await;
+    settled(3, 2).await;
+    assert_eq!(observer.get_services("b").await.unwrap().len(), 1);
+    assert_eq!(observer.get_services("a").await.unwrap().len(), 2);
 }
 
 async fn dropping_the_last_handle_unregisters(env: Env) {
