@@ -34,7 +34,7 @@ use tokio::time::Instant;
 
 use crate::due::DueHeap;
 use crate::event::{Event, EventKind};
-use crate::service::{Chunks, CompactString, Instance, Service, Status};
+use crate::service::{unix_ms, Chunks, CompactString, Instance, Service, Status};
 
 type Hasher = foldhash::fast::RandomState;
 type NameMap = papaya::HashMap<Arc<str>, Arc<NameEntry>, Hasher>;
@@ -145,8 +145,7 @@ impl Writer {
 
 struct NameState {
     entry: Arc<NameEntry>,
-    /// By address (inline for addresses up to 24 bytes: no allocation).
-    slots: HashMap<CompactString, Slot, Hasher>,
+    slots: Slots,
     /// The next snapshot, while a batch changes it.
     pending: Option<Chunks>,
 }
@@ -155,7 +154,7 @@ struct NameState {
 struct Batch {
     /// When it was received, by both clocks.
     at: Tick,
-    wall: SystemTime,
+    wall_ms: u64,
     /// Due-time factor: how many intervals an instance lives unheard.
     factor: f64,
 }
@@ -166,12 +165,64 @@ pub(crate) enum Change {
         service: Service,
         status: Status,
         interval: Duration,
-        sent: Option<SystemTime>,
+        /// The sender's clock, Unix milliseconds; 0 if not given.
+        sent_ms: u64,
     },
     Remove {
         name: CompactString,
         address: CompactString,
     },
+}
+
+/// A name's slots by address. The address is the instance's own, not kept
+/// again as a key: 24 bytes less an instance, and one hash of it per
+/// announcement.
+#[derive(Default)]
+struct Slots {
+    table: hashbrown::HashTable<Slot>,
+    hasher: Hasher,
+}
+
+impl Slots {
+    fn hash(&self, address: &str) -> u64 {
+        self.hasher.hash_one(address)
+    }
+
+    fn find_mut(&mut self, hash: u64, address: &str) -> Option<&mut Slot> {
+        self.table
+            .find_mut(hash, |s| s.instance.address() == address)
+    }
+
+    fn get_mut(&mut self, address: &str) -> Option<&mut Slot> {
+        self.find_mut(self.hash(address), address)
+    }
+
+    /// Adds the slot of an address not in the table (`hash` is its hash).
+    fn insert_new(&mut self, hash: u64, slot: Slot) {
+        let hasher = &self.hasher;
+        self.table
+            .insert_unique(hash, slot, |s| hasher.hash_one(s.instance.address()));
+    }
+
+    fn remove(&mut self, address: &str) -> Option<Slot> {
+        let entry = self
+            .table
+            .find_entry(self.hasher.hash_one(address), |s| {
+                s.instance.address() == address
+            })
+            .ok()?;
+        Some(entry.remove().0)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = &Slot> {
+        self.table.iter()
+    }
 }
 
 struct Slot {
@@ -343,7 +394,7 @@ impl Catalog {
         // noticeable part of a message's cost on a VM).
         let batch = Batch {
             at: self.tick(Instant::now()),
-            wall: SystemTime::now(),
+            wall_ms: unix_ms(SystemTime::now()),
             factor,
         };
         for change in changes {
@@ -352,8 +403,8 @@ impl Catalog {
                     service,
                     status,
                     interval,
-                    sent,
-                } => self.announce_in(w, service, status, interval, sent, &batch),
+                    sent_ms,
+                } => self.announce_in(w, service, status, interval, sent_ms, &batch),
                 Change::Remove { name, address } => Self::remove_in(w, &name, &address),
             };
             events.extend(event);
@@ -376,7 +427,7 @@ impl Catalog {
             service,
             status,
             interval,
-            sent,
+            sent_ms: sent.map_or(0, unix_ms),
         };
         self.apply([change], factor).pop()
     }
@@ -397,7 +448,7 @@ impl Catalog {
         service: Service,
         status: Status,
         interval: Duration,
-        sent: Option<SystemTime>,
+        sent_ms: u64,
         batch: &Batch,
     ) -> Option<Event> {
         let due = batch
@@ -405,7 +456,8 @@ impl Catalog {
             .after(interval.min(MAX_DUE).mul_f64(batch.factor).min(MAX_DUE));
         let id = self.id(w, &service.name);
         let state = &mut w.states[id as usize];
-        let (event, push) = match state.slots.get_mut(service.address.as_str()) {
+        let hash = state.slots.hash(&service.address);
+        let (event, push) = match state.slots.find_mut(hash, &service.address) {
             Some(slot) => {
                 slot.due = due;
                 // Only an interval that shrank needs an earlier heap entry.
@@ -414,12 +466,17 @@ impl Catalog {
                     Due::new(id, slot.pos)
                 });
                 if slot.instance.same_as(&service, status) {
-                    slot.instance.touch(sent, batch.wall);
+                    slot.instance.touch(sent_ms, batch.wall_ms);
                     (None, push)
                 } else {
                     let previous = slot.instance.status;
-                    let instance =
-                        Arc::new(Instance::new(service, status, interval, sent, batch.wall));
+                    let instance = Arc::new(Instance::new(
+                        service,
+                        status,
+                        interval,
+                        sent_ms,
+                        batch.wall_ms,
+                    ));
                     slot.instance = instance.clone();
                     let (pos, replaced) = (slot.pos, instance.clone());
                     state.change(id, &mut w.dirty, move |v| v.set(pos, replaced));
@@ -432,13 +489,18 @@ impl Catalog {
                 }
             }
             None => {
-                let address = service.address.clone();
-                let instance = Arc::new(Instance::new(service, status, interval, sent, batch.wall));
+                let instance = Arc::new(Instance::new(
+                    service,
+                    status,
+                    interval,
+                    sent_ms,
+                    batch.wall_ms,
+                ));
                 let added = instance.clone();
                 let pos = state.change(id, &mut w.dirty, move |v| v.push(added));
                 w.live += 1;
-                state.slots.insert(
-                    address.clone(),
+                state.slots.insert_new(
+                    hash,
                     Slot {
                         instance: instance.clone(),
                         pos,
@@ -535,7 +597,7 @@ impl Catalog {
         w.ids.insert(name, id);
         w.states.push(NameState {
             entry,
-            slots: HashMap::default(),
+            slots: Slots::default(),
             pending: None,
         });
         id
@@ -715,7 +777,7 @@ mod tests {
             service: svc(&format!("n{i}"), "h:1"),
             status: Status::Passing,
             interval,
-            sent: None,
+            sent_ms: 0,
         });
         assert_eq!(c.apply(changes, 1.5).len(), 5000);
         assert_eq!(c.names().len(), 5000);
@@ -788,7 +850,7 @@ mod tests {
             service: svc(name, &a),
             status: Status::Passing,
             interval: Duration::from_secs(1),
-            sent: None,
+            sent_ms: 0,
         });
         c.apply(changes, 1.5);
     }
@@ -856,10 +918,11 @@ mod tests {
         let state = &w.states[w.ids[name] as usize];
         let published = state.entry.instances.load();
         assert_eq!(published.len(), state.slots.len());
-        for (address, slot) in &state.slots {
+        for slot in state.slots.iter() {
             assert!(
                 Arc::ptr_eq(&published[slot.pos], &slot.instance),
-                "{address}"
+                "{}",
+                slot.instance.address()
             );
         }
         let mut all: Vec<_> = published
@@ -903,7 +966,7 @@ mod tests {
                         service: svc("n", &address),
                         status,
                         interval: Duration::from_secs(1),
-                        sent: None,
+                        sent_ms: 0,
                     });
                 }
             }
@@ -949,7 +1012,7 @@ mod tests {
                         service: svc(name, &address),
                         status: Status::Passing,
                         interval,
-                        sent: None,
+                        sent_ms: 0,
                     });
                 }
             }

@@ -224,6 +224,15 @@ impl Announcement {
         let ms = u64::try_from(self.registered_ms?).ok()?;
         UNIX_EPOCH.checked_add(Duration::from_millis(ms))
     }
+
+    /// [`sent_at`](Self::sent_at) in Unix milliseconds, 0 for none (as an
+    /// instance keeps it): no round trip through `SystemTime`, which costs
+    /// a division per message.
+    pub(crate) fn sent_ms(&self) -> u64 {
+        let ms = self.registered_ms.and_then(|ms| u64::try_from(ms).ok());
+        ms.filter(|&ms| UNIX_EPOCH.checked_add(Duration::from_millis(ms)).is_some())
+            .unwrap_or(0)
+    }
 }
 
 /// Why a payload was rejected.
@@ -414,19 +423,15 @@ fn decode_canonical(payload: &[u8]) -> Option<Announcement> {
     let s = &mut a.service;
     p.lit(b"{")?;
     // Each key is tried once, in order, and only after `{` or a comma.
+    // Written out, not looped over: each literal's length is then known
+    // where it is compared, which compiles to a few loads instead of a call.
     let mut open = true;
-    for (key, slot) in [
-        (&b"\"net\":"[..], &mut s.network),
-        (b"\"add\":", &mut s.address),
-        (b"\"url\":", &mut s.url),
-        (b"\"name\":", &mut s.name),
-        (b"\"v\":", &mut s.version),
-        (b"\"h\":", &mut s.host),
-    ] {
-        if let Some(value) = p.string_field(key, &mut open)? {
-            *slot = value.into();
-        }
-    }
+    p.string_field(b"\"net\":", &mut open, &mut s.network)?;
+    p.string_field(b"\"add\":", &mut open, &mut s.address)?;
+    p.string_field(b"\"url\":", &mut open, &mut s.url)?;
+    p.string_field(b"\"name\":", &mut open, &mut s.name)?;
+    p.string_field(b"\"v\":", &mut open, &mut s.version)?;
+    p.string_field(b"\"h\":", &mut open, &mut s.host)?;
     if open && p.lit(b"\"kv\":").is_some() {
         s.kv = p.kv()?;
         open = p.lit(b",").is_some();
@@ -435,9 +440,10 @@ fn decode_canonical(payload: &[u8]) -> Option<Announcement> {
         (a.registered_ms, a.duration_ms) = p.canonical_time()?;
         open = p.lit(b",").is_some();
     }
-    if let Some(status) = p.string_field(b"\"status\":", &mut open)? {
+    if open && p.lit(b"\"status\":").is_some() {
         // Unknown statuses are passing, as in `WireVisitor`.
-        a.status = status.parse().unwrap_or_default();
+        a.status = p.string()?.parse().unwrap_or_default();
+        open = p.lit(b",").is_some();
     }
     // A comma must have been followed by a key.
     (!open || p.at == 1).then_some(())?;
@@ -474,23 +480,26 @@ impl<'a> Plain<'a> {
     /// Takes `literal`, if the text goes on with exactly it (no whitespace
     /// first).
     #[inline(always)]
-    fn lit(&mut self, literal: &'static [u8]) -> Option<()> {
-        let rest = self.text.as_bytes().get(self.at..)?;
-        rest.starts_with(literal).then(|| self.at += literal.len())
+    fn lit<const N: usize>(&mut self, literal: &[u8; N]) -> Option<()> {
+        let rest = self.text.as_bytes().get(self.at..self.at + N)?;
+        (rest == literal).then(|| self.at += N)
     }
 
-    /// For [`decode_canonical`]: `key` and its string value, if a key may
-    /// come (`open`) and it is `key`; `open` then says whether a comma
-    /// followed. `Some(None)` if the key is not there, `None` if its value
-    /// is not a plain string.
+    /// For [`decode_canonical`]: if a key may come (`open`) and it is `key`,
+    /// its string value into `slot`; `open` then says whether a comma
+    /// followed. `None` if the value is not a plain string.
     #[inline(always)]
-    fn string_field(&mut self, key: &'static [u8], open: &mut bool) -> Option<Option<&'a str>> {
-        if !(*open && self.lit(key).is_some()) {
-            return Some(None);
+    fn string_field<const N: usize>(
+        &mut self,
+        key: &[u8; N],
+        open: &mut bool,
+        slot: &mut CompactString,
+    ) -> Option<()> {
+        if *open && self.lit(key).is_some() {
+            *slot = self.string()?.into();
+            *open = self.lit(b",").is_some();
         }
-        let value = self.string()?;
-        *open = self.lit(b",").is_some();
-        Some(Some(value))
+        Some(())
     }
 
     /// Takes `byte`, after whitespace.
@@ -965,6 +974,31 @@ impl<'de> DeserializeSeed<'de> for TimeSeed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sent_time_in_milliseconds_is_the_sent_time() {
+        use crate::service::unix_ms;
+        let now = unix_ms(SystemTime::now()) as i64;
+        for registered_ms in [
+            None,
+            Some(i64::MIN),
+            Some(-1),
+            Some(0),
+            Some(1),
+            Some(now),
+            Some(i64::MAX),
+        ] {
+            let a = Announcement {
+                registered_ms,
+                ..Announcement::default()
+            };
+            assert_eq!(
+                a.sent_ms(),
+                a.sent_at().map_or(0, unix_ms),
+                "{registered_ms:?}"
+            );
+        }
+    }
 
     #[test]
     fn subjects_round_trip() {

@@ -31,7 +31,7 @@ use crate::filter::{Chain, Filter, ObserveFilter};
 use crate::protocol::{self, Kind};
 use crate::service::{CompactString, Instance, Instances, Service, Status};
 use crate::transport::memory::MemoryBus;
-use crate::transport::{Message, Messages, Topic, Transport};
+use crate::transport::{Message, Messages, Subject, Topic, Transport};
 
 /// The Go package's lookup timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
@@ -521,8 +521,19 @@ struct Registered {
     /// Shared with the caller's [`Registration`]: one copy per registration.
     service: Arc<Service>,
     status: Status,
+    /// Where it is announced, shared by its name's registrations.
+    subject: Subject,
     /// Its entry in `beats`.
     beat: u64,
+}
+
+/// A registration's announcement to send: where, what, and its status.
+type Outgoing = (Subject, Arc<Service>, Status);
+
+impl Registered {
+    fn outgoing(&self) -> Outgoing {
+        (self.subject.clone(), self.service.clone(), self.status)
+    }
 }
 
 /// A heartbeat heap entry: which registration it is for.
@@ -534,6 +545,8 @@ struct Beat {
 
 struct Pinged {
     listener: AbortHandle,
+    /// The name's announcement subject, made once.
+    announce: Subject,
     last_answer: Option<Instant>,
     answer_pending: bool,
     /// The services registered here under this name: a ping reads these,
@@ -628,7 +641,7 @@ impl Registry {
         // are answered: an unregister of the name's last other service in
         // between would take the ping subscription away (then subscribe
         // again and retry).
-        let status = loop {
+        let (subject, status) = loop {
             {
                 let mut own = lock(&inner.own);
                 if own.ping_all.is_some() && own.pings.contains_key(service.name.as_str()) {
@@ -639,7 +652,7 @@ impl Registry {
         };
         // Kept even if the broker is away: heartbeats and the reconnection
         // handler announce it when the link is back.
-        if let Err(e) = inner.announce(&service, status).await {
+        if let Err(e) = inner.announce(subject, &service, status).await {
             tracing::warn!(error = %e, name = %service.name, "registered, not announced yet");
         }
         Ok(Registration {
@@ -696,11 +709,11 @@ impl Registry {
                 .get_mut(&(service.name.clone(), service.address.clone()))
                 .map(|r| {
                     r.status = status;
-                    r.service.clone()
+                    (r.subject.clone(), r.service.clone())
                 })
         };
         match registered {
-            Some(s) => inner.announce(&s, status).await,
+            Some((subject, s)) => inner.announce(subject, &s, status).await,
             None => Err(Error::NotRegistered {
                 name: service.name.to_string(),
                 address: service.address.to_string(),
@@ -890,7 +903,10 @@ impl Registry {
         let inner = &self.inner;
         inner.check()?;
         let subject = protocol::ping_all_subject(&inner.opts.main_topic);
-        inner.transport.publish(subject, None, Bytes::new()).await?;
+        inner
+            .transport
+            .publish(subject.into(), None, Bytes::new())
+            .await?;
         inner.flush().await
     }
 
@@ -1126,10 +1142,12 @@ impl Inner {
         let subject = protocol::subject(&self.opts.main_topic, Kind::Ping, name);
         let messages = self.subscribe(Topic::Subject(subject)).await?;
         let listener = self.listen(messages, Listener::Pinged);
+        let announce = protocol::subject(&self.opts.main_topic, Kind::Register, name).into();
         lock(&self.own).pings.insert(
             name.to_string(),
             Pinged {
                 listener,
+                announce,
                 last_answer: None,
                 answer_pending: false,
                 keys: Vec::new(),
@@ -1262,7 +1280,7 @@ impl Inner {
         }
         Some(Change::Announce {
             interval: a.interval().unwrap_or(self.opts.register_interval),
-            sent: a.sent_at(),
+            sent_ms: a.sent_ms(),
             service: a.service,
             status: a.status,
         })
@@ -1336,27 +1354,27 @@ impl Inner {
     /// Announces every instance of `name` registered here.
     async fn answer(&self, name: &str) {
         self.counters.pings_answered.fetch_add(1, Ordering::Relaxed);
-        let services: Vec<(Arc<Service>, Status)> = {
+        let services: Vec<Outgoing> = {
             let own = lock(&self.own);
             let keys = own.pings.get(name).map_or(&[][..], |p| &p.keys[..]);
             keys.iter()
                 .filter_map(|k| own.services.get(k))
-                .map(|r| (r.service.clone(), r.status))
+                .map(Registered::outgoing)
                 .collect()
         };
-        for (service, status) in services {
-            if let Err(e) = self.announce(&service, status).await {
+        for (subject, service, status) in services {
+            if let Err(e) = self.announce(subject, &service, status).await {
                 tracing::warn!(error = %e, name, "cannot answer ping");
             }
         }
     }
 
-    fn registered(&self, keep: impl Fn(&str) -> bool) -> Vec<(Arc<Service>, Status)> {
+    fn registered(&self, keep: impl Fn(&str) -> bool) -> Vec<Outgoing> {
         lock(&self.own)
             .services
             .values()
             .filter(|r| keep(&r.service.name))
-            .map(|r| (r.service.clone(), r.status))
+            .map(Registered::outgoing)
             .collect()
     }
 
@@ -1401,13 +1419,15 @@ impl Inner {
     /// Keeps a registration: its details, status and heartbeat schedule.
     /// Registering the same name and address again replaces the details
     /// and keeps the status and the schedule.
-    fn record(&self, own: &mut Own, service: &Arc<Service>) -> Status {
+    /// Returns the status to announce and where. The name's pings must be
+    /// answered here already (its subject is kept there).
+    fn record(&self, own: &mut Own, service: &Arc<Service>) -> (Subject, Status) {
         let key = (service.name.clone(), service.address.clone());
         let vacant = match own.services.entry(key) {
             Entry::Occupied(mut r) => {
                 let r = r.get_mut();
                 r.service = service.clone();
-                return r.status;
+                return (r.subject.clone(), r.status);
             }
             Entry::Vacant(v) => v,
         };
@@ -1424,21 +1444,27 @@ impl Inner {
         ) {
             self.beat_timer.notify_one();
         }
-        if let Some(p) = own.pings.get_mut(key.0.as_str()) {
-            p.keys.push(key);
-        }
+        let subject = match own.pings.get_mut(key.0.as_str()) {
+            Some(p) => {
+                p.keys.push(key);
+                p.announce.clone()
+            }
+            // Not reached (see above); correct all the same.
+            None => protocol::subject(&self.opts.main_topic, Kind::Register, &key.0).into(),
+        };
         vacant.insert(Registered {
             service: service.clone(),
             status: Status::Passing,
+            subject: subject.clone(),
             beat: id,
         });
-        Status::Passing
+        (subject, Status::Passing)
     }
 
     /// The registrations whose heartbeat is due by `now`, each scheduled
     /// again one interval on (from now if it is late: no catch-up bursts);
     /// and when the next one is due.
-    fn due_heartbeats(&self, now: Instant) -> (Vec<(Arc<Service>, Status)>, Option<Instant>) {
+    fn due_heartbeats(&self, now: Instant) -> (Vec<Outgoing>, Option<Instant>) {
         let interval = self.opts.register_interval;
         let mut own = lock(&self.own);
         let own = &mut *own;
@@ -1450,7 +1476,7 @@ impl Inner {
             if r.beat != beat.id {
                 continue; // an earlier registration's entry
             }
-            due.push((r.service.clone(), r.status));
+            due.push(r.outgoing());
             let on_time = was + interval;
             let at = if on_time > now {
                 on_time
@@ -1468,28 +1494,29 @@ impl Inner {
         let reply = protocol::subject(main, Kind::Register, name);
         self.transport
             .publish(
-                protocol::subject(main, Kind::Ping, name),
-                Some(reply),
+                protocol::subject(main, Kind::Ping, name).into(),
+                Some(reply.into()),
                 Bytes::new(),
             )
             .await
     }
 
-    async fn announce(&self, service: &Service, status: Status) -> Result<()> {
+    async fn announce(&self, subject: Subject, service: &Service, status: Status) -> Result<()> {
         let payload = protocol::encode_announcement(
             service,
             status,
             SystemTime::now(),
             self.opts.register_interval,
         );
-        let subject = protocol::subject(&self.opts.main_topic, Kind::Register, &service.name);
         self.transport.publish(subject, None, payload.into()).await
     }
 
     async fn publish_unregister(&self, service: &Service) -> Result<()> {
         let subject = protocol::subject(&self.opts.main_topic, Kind::Unregister, &service.name);
         let payload = protocol::encode_unregister(service);
-        self.transport.publish(subject, None, payload.into()).await
+        self.transport
+            .publish(subject.into(), None, payload.into())
+            .await
     }
 
     async fn flush(&self) -> Result<()> {
@@ -1500,8 +1527,8 @@ impl Inner {
     /// observed name, so caches on both sides are whole again without
     /// waiting for heartbeats.
     async fn recover(&self) {
-        for (service, status) in self.registered(|_| true) {
-            if let Err(e) = self.announce(&service, status).await {
+        for (subject, service, status) in self.registered(|_| true) {
+            if let Err(e) = self.announce(subject, &service, status).await {
                 tracing::warn!(error = %e, "cannot announce after reconnecting");
             }
         }
@@ -1522,7 +1549,10 @@ impl Inner {
         }
         if all {
             let subject = protocol::ping_all_subject(&self.opts.main_topic);
-            let _ = self.transport.publish(subject, None, Bytes::new()).await;
+            let _ = self
+                .transport
+                .publish(subject.into(), None, Bytes::new())
+                .await;
         }
         let _ = self.flush().await;
     }
@@ -1569,7 +1599,9 @@ impl Drop for Inner {
             for s in &services {
                 let subject = protocol::subject(&main, Kind::Unregister, &s.name);
                 let payload = protocol::encode_unregister(s);
-                let _ = transport.publish(subject, None, payload.into()).await;
+                let _ = transport
+                    .publish(subject.into(), None, payload.into())
+                    .await;
             }
             let _ = transport.flush().await;
         });
@@ -1592,8 +1624,8 @@ async fn heartbeats(timer: Arc<Notify>, inner: Weak<Inner>) {
         let next = {
             let Some(inner) = inner.upgrade() else { return };
             let (due, next) = inner.due_heartbeats(Instant::now());
-            for (service, status) in due {
-                if let Err(e) = inner.announce(&service, status).await {
+            for (subject, service, status) in due {
+                if let Err(e) = inner.announce(subject, &service, status).await {
                     tracing::warn!(error = %e, name = %service.name, "heartbeat not sent");
                 }
             }

@@ -362,19 +362,20 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// Times in Unix milliseconds, as kept; a `sent_ms` of 0 is none.
     pub(crate) fn new(
         service: Service,
         status: Status,
         interval: Duration,
-        sent: Option<SystemTime>,
-        heard: SystemTime,
+        sent_ms: u64,
+        heard_ms: u64,
     ) -> Self {
         Instance {
             service,
             status,
             interval,
-            sent_ms: AtomicU64::new(sent.map_or(0, unix_ms)),
-            heard_ms: AtomicU64::new(unix_ms(heard)),
+            sent_ms: AtomicU64::new(sent_ms),
+            heard_ms: AtomicU64::new(heard_ms),
         }
     }
 
@@ -407,10 +408,11 @@ impl Instance {
         }
     }
 
-    pub(crate) fn touch(&self, sent: Option<SystemTime>, heard: SystemTime) {
-        self.heard_ms.store(unix_ms(heard), Ordering::Relaxed);
-        if let Some(sent) = sent {
-            self.sent_ms.store(unix_ms(sent), Ordering::Relaxed);
+    /// Times as [`new`](Self::new) takes them.
+    pub(crate) fn touch(&self, sent_ms: u64, heard_ms: u64) {
+        self.heard_ms.store(heard_ms, Ordering::Relaxed);
+        if sent_ms != 0 {
+            self.sent_ms.store(sent_ms, Ordering::Relaxed);
         }
     }
 
@@ -420,7 +422,7 @@ impl Instance {
     }
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
@@ -711,8 +713,8 @@ mod tests {
             s,
             Status::Passing,
             interval,
-            None,
-            SystemTime::now(),
+            0,
+            unix_ms(SystemTime::now()),
         ))
     }
 

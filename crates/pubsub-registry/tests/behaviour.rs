@@ -114,7 +114,7 @@ async fn lookups_hit_the_cache_after_the_first(env: Env) {
     // A marker sent on b's own connection arrives after every ping b sent.
     b.transport()
         .publish(
-            protocol::subject(&main, Kind::Ping, "marker"),
+            protocol::subject(&main, Kind::Ping, "marker").into(),
             None,
             Default::default(),
         )
@@ -918,13 +918,9 @@ async fn a_flood_of_hostile_messages_changes_nothing(env: Env) {
     for sent in (0..total).step_by(chunk) {
         for i in 0..chunk as u64 {
             let (subject, payload) = kinds[((sent + i) % kinds.len() as u64) as usize];
-            raw.publish(
-                subject.to_string(),
-                None,
-                payload.as_bytes().to_vec().into(),
-            )
-            .await
-            .unwrap();
+            raw.publish(subject.into(), None, payload.as_bytes().to_vec().into())
+                .await
+                .unwrap();
         }
         raw.flush().await.unwrap();
         // Let the registry drain each chunk: a broker drops for a subscriber

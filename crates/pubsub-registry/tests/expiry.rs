@@ -25,9 +25,13 @@ async fn announce(
     let payload = format!(
         r#"{{"name":"{name}","add":"{address}","t":{{"Registered":{registered_ms},"Duration":{duration_ms}}}}}"#
     );
-    bus.publish(format!("registry.register.{name}"), None, payload.into())
-        .await
-        .unwrap();
+    bus.publish(
+        format!("registry.register.{name}").into(),
+        None,
+        payload.into(),
+    )
+    .await
+    .unwrap();
 }
 
 /// Waits (on the paused clock) for the next event; returns its kind and when.

@@ -492,7 +492,7 @@ async fn expired_instances_leave_the_catalog_and_move_the_index() {
         Duration::from_millis(400),
     );
     api.bus
-        .publish("registry.register.mute".to_string(), None, payload.into())
+        .publish("registry.register.mute".into(), None, payload.into())
         .await
         .unwrap();
     let seen = api

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use common::{eventually, expect_events, next_event, DEADLINE, FIND};
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
-use pubsub_registry::transport::{Messages, Topic, Transport};
+use pubsub_registry::transport::{Messages, Subject, Topic, Transport};
 use pubsub_registry::{Error, EventKind, EventStream, Lookup, NatsTransport, Registry, Service};
 use registry_harness::{NatsCluster, NatsServer};
 use tokio::time::Instant;
@@ -49,8 +49,8 @@ struct Crashable {
 impl Transport for Crashable {
     fn publish(
         &self,
-        s: String,
-        r: Option<String>,
+        s: Subject,
+        r: Option<Subject>,
         p: Bytes,
     ) -> BoxFuture<'_, pubsub_registry::Result<()>> {
         if self.dead.load(Ordering::SeqCst) {
@@ -424,7 +424,7 @@ async fn crashed_instances_expire_on_time_among_ten_thousand() {
             i % 256
         );
         raw.publish(
-            format!("registry.register.long-{}", i % 100),
+            format!("registry.register.long-{}", i % 100).into(),
             None,
             payload.into(),
         )

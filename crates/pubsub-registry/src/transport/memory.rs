@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{Message, Messages, Topic, Transport};
+use super::{Message, Messages, Subject, Topic, Transport};
 use crate::error::Result;
 
 /// Messages a subscriber may fall behind by before new ones are dropped for
@@ -119,13 +119,13 @@ impl Drop for Unsubscribe {
 impl Transport for MemoryBus {
     fn publish(
         &self,
-        subject: String,
-        reply: Option<String>,
+        subject: Subject,
+        reply: Option<Subject>,
         payload: Bytes,
     ) -> BoxFuture<'_, Result<()>> {
         self.inner.publish(Message {
-            subject: subject.into(),
-            reply: reply.map(Into::into),
+            subject,
+            reply,
             payload,
         });
         Box::pin(async { Ok(()) })

@@ -5,6 +5,7 @@
 //! catalog (the local cache).
 
 use std::fmt;
+#[cfg(not(feature = "nats"))]
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -31,9 +32,11 @@ pub struct Message {
     pub payload: Bytes,
 }
 
-/// A subject or channel name as a message carries it: text, cheap to clone,
-/// and kept as the NATS client parsed it rather than copied (a copy per
-/// message is a noticeable part of taking one in).
+/// A subject or channel name: text, cheap to clone. A received one is kept
+/// as the NATS client parsed it rather than copied, and one made here is
+/// handed to the NATS client as it is: a registration's subject is made
+/// once, not once per announcement (a copy per message is a noticeable
+/// part of sending or taking one in).
 ///
 /// ```
 /// use pubsub_registry::transport::Subject;
@@ -42,23 +45,19 @@ pub struct Message {
 /// assert!(s.ends_with(".a"));
 /// ```
 #[derive(Clone)]
-pub struct Subject(Repr);
+pub struct Subject(Text);
 
-#[derive(Clone)]
-enum Repr {
-    Shared(Arc<str>),
-    #[cfg(feature = "nats")]
-    Nats(async_nats::Subject),
-}
+// With NATS compiled in, text is kept in the client's own form, which it
+// takes without a copy; either form clones by a reference count.
+#[cfg(feature = "nats")]
+type Text = async_nats::Subject;
+#[cfg(not(feature = "nats"))]
+type Text = Arc<str>;
 
 impl Subject {
     /// The subject as text.
     pub fn as_str(&self) -> &str {
-        match &self.0 {
-            Repr::Shared(s) => s,
-            #[cfg(feature = "nats")]
-            Repr::Nats(s) => s.as_str(),
-        }
+        &self.0
     }
 }
 
@@ -78,20 +77,27 @@ impl AsRef<str> for Subject {
 
 impl From<String> for Subject {
     fn from(s: String) -> Self {
-        Subject(Repr::Shared(s.into()))
+        Subject(s.into())
     }
 }
 
 impl From<&str> for Subject {
     fn from(s: &str) -> Self {
-        Subject(Repr::Shared(s.into()))
+        Subject(s.into())
     }
 }
 
 #[cfg(feature = "nats")]
 impl From<async_nats::Subject> for Subject {
     fn from(s: async_nats::Subject) -> Self {
-        Subject(Repr::Nats(s))
+        Subject(s)
+    }
+}
+
+#[cfg(feature = "nats")]
+impl From<Subject> for async_nats::Subject {
+    fn from(s: Subject) -> Self {
+        s.0
     }
 }
 
@@ -191,10 +197,12 @@ pub type Messages = BoxStream<'static, Message>;
 /// `redis`) and in-process use ([`memory::MemoryBus`]).
 pub trait Transport: Send + Sync + 'static {
     /// Publishes `payload` on `subject`, with a reply subject if given.
+    /// Build subjects with `.into()` from text; the registry keeps the ones
+    /// it sends repeatedly and passes clones.
     fn publish(
         &self,
-        subject: String,
-        reply: Option<String>,
+        subject: Subject,
+        reply: Option<Subject>,
         payload: Bytes,
     ) -> BoxFuture<'_, Result<()>>;
 

@@ -15,7 +15,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 
-use super::{Message, Messages, Topic, Transport};
+use super::{Message, Messages, Subject, Topic, Transport};
 use crate::error::{Error, Result};
 
 /// Longest wait for the server to acknowledge what was sent, or for the
@@ -139,14 +139,16 @@ fn unreachable(op: &'static str) -> Error {
 impl Transport for NatsTransport {
     fn publish(
         &self,
-        subject: String,
-        reply: Option<String>,
+        subject: Subject,
+        reply: Option<Subject>,
         payload: Bytes,
     ) -> BoxFuture<'_, Result<()>> {
+        let subject = async_nats::Subject::from(subject);
         Box::pin(async move {
             let send = async {
                 match reply {
                     Some(reply) => {
+                        let reply = async_nats::Subject::from(reply);
                         self.client
                             .publish_with_reply(subject, reply, payload)
                             .await

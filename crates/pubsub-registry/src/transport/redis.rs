@@ -26,7 +26,7 @@ use redis::{AsyncConnectionConfig, Client, ConnectionAddr, RedisError, RedisResu
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{Message, Messages, Topic, Transport};
+use super::{Message, Messages, Subject, Topic, Transport};
 use crate::error::{Error, Result};
 
 /// Messages a subscriber may fall behind by before new ones are dropped for
@@ -270,12 +270,12 @@ impl std::fmt::Debug for RedisTransport {
 impl Transport for RedisTransport {
     fn publish(
         &self,
-        subject: String,
-        _reply: Option<String>,
+        subject: Subject,
+        _reply: Option<Subject>,
         payload: Bytes,
     ) -> BoxFuture<'_, Result<()>> {
         let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(subject).arg(payload.as_ref());
+        cmd.arg(subject.as_str()).arg(payload.as_ref());
         Box::pin(self.command("publish", cmd))
     }
 

@@ -113,7 +113,7 @@ impl Env {
         subject: &str,
         payload: impl AsRef<[u8]>,
     ) {
-        raw.publish(subject.to_string(), None, payload.as_ref().to_vec().into())
+        raw.publish(subject.into(), None, payload.as_ref().to_vec().into())
             .await
             .expect("publish");
         raw.flush().await.expect("flush");
