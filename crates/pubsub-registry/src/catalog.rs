@@ -456,6 +456,15 @@ impl Catalog {
             .after(interval.min(MAX_DUE).mul_f64(batch.factor).min(MAX_DUE));
         let id = self.id(w, &service.name);
         let state = &mut w.states[id as usize];
+        let fresh = |service| {
+            Arc::new(Instance::new(
+                service,
+                status,
+                interval,
+                sent_ms,
+                batch.wall_ms,
+            ))
+        };
         let hash = state.slots.hash(&service.address);
         let (event, push) = match state.slots.find_mut(hash, &service.address) {
             Some(slot) => {
@@ -470,13 +479,7 @@ impl Catalog {
                     (None, push)
                 } else {
                     let previous = slot.instance.status;
-                    let instance = Arc::new(Instance::new(
-                        service,
-                        status,
-                        interval,
-                        sent_ms,
-                        batch.wall_ms,
-                    ));
+                    let instance = fresh(service);
                     slot.instance = instance.clone();
                     let (pos, replaced) = (slot.pos, instance.clone());
                     state.change(id, &mut w.dirty, move |v| v.set(pos, replaced));
@@ -489,13 +492,7 @@ impl Catalog {
                 }
             }
             None => {
-                let instance = Arc::new(Instance::new(
-                    service,
-                    status,
-                    interval,
-                    sent_ms,
-                    batch.wall_ms,
-                ));
+                let instance = fresh(service);
                 let added = instance.clone();
                 let pos = state.change(id, &mut w.dirty, move |v| v.push(added));
                 w.live += 1;
