@@ -207,9 +207,7 @@ impl Slots {
     fn remove(&mut self, address: &str) -> Option<Slot> {
         let entry = self
             .table
-            .find_entry(self.hasher.hash_one(address), |s| {
-                s.instance.address() == address
-            })
+            .find_entry(self.hash(address), |s| s.instance.address() == address)
             .ok()?;
         Some(entry.remove().0)
     }

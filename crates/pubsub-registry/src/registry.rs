@@ -637,16 +637,13 @@ impl Registry {
             service.host = inner.opts.host.as_str().into();
         }
         let service = Arc::new(service);
-        // Recorded under the same lock as the check that pings for the name
-        // are answered: an unregister of the name's last other service in
+        // `record` checks that pings for the name are answered under the
+        // lock it records under: an unregister of the name's last other service in
         // between would take the ping subscription away (then subscribe
         // again and retry).
         let (subject, status) = loop {
-            {
-                let mut own = lock(&inner.own);
-                if own.ping_all.is_some() && own.pings.contains_key(service.name.as_str()) {
-                    break inner.record(&mut own, &service);
-                }
+            if let Some(recorded) = inner.record(&mut lock(&inner.own), &service) {
+                break recorded;
             }
             inner.answer_pings(&service.name).await?;
         };
@@ -1419,15 +1416,17 @@ impl Inner {
     /// Keeps a registration: its details, status and heartbeat schedule.
     /// Registering the same name and address again replaces the details
     /// and keeps the status and the schedule.
-    /// Returns the status to announce and where. The name's pings must be
-    /// answered here already (its subject is kept there).
-    fn record(&self, own: &mut Own, service: &Arc<Service>) -> (Subject, Status) {
+    /// Returns where to announce it and the status; `None`, recording
+    /// nothing, while pings for its name are not answered here yet.
+    fn record(&self, own: &mut Own, service: &Arc<Service>) -> Option<(Subject, Status)> {
+        own.ping_all.as_ref()?;
+        let pinged = own.pings.get_mut(service.name.as_str())?;
         let key = (service.name.clone(), service.address.clone());
         let vacant = match own.services.entry(key) {
             Entry::Occupied(mut r) => {
                 let r = r.get_mut();
                 r.service = service.clone();
-                return (r.subject.clone(), r.status);
+                return Some((r.subject.clone(), r.status));
             }
             Entry::Vacant(v) => v,
         };
@@ -1444,21 +1443,15 @@ impl Inner {
         ) {
             self.beat_timer.notify_one();
         }
-        let subject = match own.pings.get_mut(key.0.as_str()) {
-            Some(p) => {
-                p.keys.push(key);
-                p.announce.clone()
-            }
-            // Not reached (see above); correct all the same.
-            None => protocol::subject(&self.opts.main_topic, Kind::Register, &key.0).into(),
-        };
+        pinged.keys.push(key);
+        let subject = pinged.announce.clone();
         vacant.insert(Registered {
             service: service.clone(),
             status: Status::Passing,
             subject: subject.clone(),
             beat: id,
         });
-        (subject, Status::Passing)
+        Some((subject, Status::Passing))
     }
 
     /// The registrations whose heartbeat is due by `now`, each scheduled
