@@ -5,6 +5,7 @@
 //! and lenient where the other implementations differ (key case, unknown
 //! fields, unknown status).
 
+use std::cell::RefCell;
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -644,64 +645,77 @@ pub fn encode_unregister(service: &Service) -> Vec<u8> {
 }
 
 fn encode(service: &Service, t: Option<WireTime>, status: Status) -> Vec<u8> {
-    let text = [
-        (Field::Net, &service.network),
-        (Field::Add, &service.address),
-        (Field::Url, &service.url),
-        (Field::Name, &service.name),
-        (Field::V, &service.version),
-        (Field::H, &service.host),
-    ];
-    // Sized for the whole payload up front (keys, quotes and `t` fit in
-    // the constant), so it is written without growing.
-    let kv: usize = service.kv.iter().map(|(k, v)| k.len() + v.len() + 8).sum();
-    let mut out = Vec::with_capacity(128 + kv + text.iter().map(|(_, v)| v.len()).sum::<usize>());
-    // Written by hand, byte for byte what serde_json writes for the same
-    // fields (a test holds it to that), in a fraction of its time.
-    out.push(b'{');
-    let mut first = true;
-    let mut key = |out: &mut Vec<u8>, field: Field| {
-        if !std::mem::take(&mut first) {
-            out.push(b',');
-        }
-        out.push(b'"');
-        out.extend_from_slice(field.key().as_bytes());
-        out.extend_from_slice(b"\":");
-    };
-    for (field, value) in text {
-        if !value.is_empty() {
-            key(&mut out, field);
-            json_string(&mut out, value);
-        }
+    thread_local! {
+        static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     }
+    // Written into a buffer kept per thread, then copied out at its exact
+    // size: `Bytes::from` a vector with room to spare allocates a second
+    // time, for a header, on every message sent.
+    SCRATCH.with_borrow_mut(|out| {
+        out.clear();
+        write_payload(out, service, t, status);
+        let payload = out.to_vec();
+        if out.capacity() > SCRATCH_KEPT {
+            *out = Vec::new();
+        }
+        payload
+    })
+}
+
+/// Largest scratch buffer kept between payloads: one huge `kv` must not
+/// hold its memory for the thread's life.
+const SCRATCH_KEPT: usize = 16 * 1024;
+
+fn write_payload(out: &mut Vec<u8>, service: &Service, t: Option<WireTime>, status: Status) {
+    // Written by hand, byte for byte what serde_json writes for the same
+    // fields (a test holds it to that), in a fraction of its time. Each
+    // field is written with a comma before it, and the first comma becomes
+    // the `{`; field by field, so that each key's length is known where it
+    // is copied (a few stores, not a call).
+    let start = out.len();
+    string_field(out, b",\"net\":", &service.network);
+    string_field(out, b",\"add\":", &service.address);
+    string_field(out, b",\"url\":", &service.url);
+    string_field(out, b",\"name\":", &service.name);
+    string_field(out, b",\"v\":", &service.version);
+    string_field(out, b",\"h\":", &service.host);
     if !service.kv.is_empty() {
-        key(&mut out, Field::Kv);
-        out.push(b'{');
+        out.extend_from_slice(b",\"kv\":{");
         for (i, (k, v)) in service.kv.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            json_string(&mut out, k);
+            json_string(out, k);
             out.push(b':');
-            json_string(&mut out, v);
+            json_string(out, v);
         }
         out.push(b'}');
     }
     if let Some(t) = t {
-        key(&mut out, Field::T);
         // `t`'s keys capitalised, as Go writes them.
-        out.extend_from_slice(b"{\"Registered\":");
-        json_int(&mut out, t.registered);
+        out.extend_from_slice(b",\"t\":{\"Registered\":");
+        json_int(out, t.registered);
         out.extend_from_slice(b",\"Duration\":");
-        json_int(&mut out, t.duration);
+        json_int(out, t.duration);
         out.push(b'}');
     }
     if status != Status::Passing {
-        key(&mut out, Field::Status);
-        json_string(&mut out, status.as_str());
+        string_field(out, b",\"status\":", status.as_str());
+    }
+    match out.get_mut(start) {
+        Some(comma) => *comma = b'{',
+        None => out.push(b'{'),
     }
     out.push(b'}');
-    out
+}
+
+/// `key` (a comma, the quoted key and a colon) and `value`, unless `value`
+/// is empty: empty fields are left out, as Go leaves them out.
+fn string_field<const N: usize>(out: &mut Vec<u8>, key: &[u8; N], value: &str) {
+    if !value.is_empty() {
+        out.extend_from_slice(key);
+        json_string(out, value);
+    }
 }
 
 /// `s` as a JSON string, escaped as serde_json escapes: `"`, `\` and
@@ -740,27 +754,40 @@ fn json_string(out: &mut Vec<u8>, s: &str) {
 fn unescaped_len(bytes: &[u8]) -> usize {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
+    let len = bytes.len();
+    if len < 8 {
+        return bytes
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+            .unwrap_or(len);
+    }
     // A byte's high bit ends up set where it is zero (after the xor) or
     // below 0x20. A borrow can only mark bytes above a marked one, so the
     // lowest mark, the first byte in memory, is always a real one.
     let zero = |x: u64| x.wrapping_sub(ONES) & !x;
-    let mut at = 0;
-    while let Some(chunk) = bytes.get(at..at + 8) {
+    let first_mark = |at: usize| {
         let mut word = [0; 8];
-        word.copy_from_slice(chunk);
+        word.copy_from_slice(&bytes[at..at + 8]);
         let x = u64::from_le_bytes(word);
         let control = x.wrapping_sub(ONES * 0x20) & !x;
         let marks = (control | zero(x ^ (ONES * 0x22)) | zero(x ^ (ONES * 0x5c))) & HIGH;
-        if marks != 0 {
-            return at + marks.trailing_zeros() as usize / 8;
+        (marks != 0).then(|| at + marks.trailing_zeros() as usize / 8)
+    };
+    let mut at = 0;
+    while at + 8 <= len {
+        if let Some(found) = first_mark(at) {
+            return found;
         }
         at += 8;
     }
-    let tail = &bytes[at..];
-    at + tail
-        .iter()
-        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
-        .unwrap_or(tail.len())
+    // The rest, as the last eight bytes: those it shares with the words
+    // above are clean, so its first mark is the first byte to escape.
+    if at < len {
+        if let Some(found) = first_mark(len - 8) {
+            return found;
+        }
+    }
+    len
 }
 
 /// `n` in decimal.
@@ -1731,6 +1758,25 @@ mod tests {
             })
         }
 
+        /// A payload larger than the scratch buffer keeps, then small
+        /// ones: each is written from a clean buffer.
+        #[test]
+        fn payloads_after_a_huge_one_are_written_clean() {
+            let mut huge = Service::new("big", "10.0.0.1:1");
+            huge.kv = Kv::from([("k", "x".repeat(SCRATCH_KEPT * 2))]);
+            let small = Service::new("small", "10.0.0.2:2");
+            for s in [&small, &huge, &small, &small] {
+                let t = WireTime {
+                    registered: 1,
+                    duration: 2,
+                };
+                assert_eq!(
+                    encode(s, Some(t), Status::Passing),
+                    super::serde_reference::encode(s, Some((1, 2)), Status::Passing)
+                );
+            }
+        }
+
         fn status() -> impl Strategy<Value = Status> {
             prop_oneof![
                 Just(Status::Passing),
@@ -1753,6 +1799,8 @@ mod tests {
                     t.map(|(registered, duration)| WireTime { registered, duration }),
                     status,
                 );
+                // Exactly sized: `Bytes` takes it without allocating again.
+                prop_assert_eq!(ours.capacity(), ours.len());
                 let reference = super::serde_reference::encode(&s, t, status);
                 prop_assert_eq!(String::from_utf8(ours).unwrap(), String::from_utf8(reference).unwrap());
             }

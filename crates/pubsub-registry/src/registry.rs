@@ -6,7 +6,6 @@
 //! [`catalog`](crate::catalog) takes it in, and the change goes out as an
 //! [`Event`] to the callback and the event streams; lookups read the catalog.
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -29,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::event::{Event, EventStream};
 use crate::filter::{Chain, Filter, ObserveFilter};
 use crate::protocol::{self, Kind};
-use crate::service::{CompactString, Instance, Instances, Service, Status};
+use crate::service::{Instance, Instances, Service, Status};
 use crate::transport::memory::MemoryBus;
 use crate::transport::{Message, Messages, Subject, Topic, Transport};
 
@@ -447,8 +446,6 @@ struct Inner {
     beat_timer: Arc<Notify>,
 }
 
-type Key = (CompactString, CompactString);
-
 /// What a subscription is for.
 #[derive(Clone, Copy)]
 enum Listener {
@@ -491,17 +488,16 @@ impl LastSubject {
 
 #[derive(Default)]
 struct Own {
-    services: HashMap<Key, Registered, foldhash::fast::RandomState>,
+    services: Registrations,
     pings: HashMap<String, Pinged, foldhash::fast::RandomState>,
     /// The "ping all" listener, from the first registration on.
     ping_all: Option<AbortHandle>,
     /// Heartbeats by due time, one entry per registration, all sent by one
     /// task: a registration costs a heap push, not a task and a timer. An
     /// unregistered service's entry is dropped when it comes up.
-    beats: DueHeap<Instant, Beat>,
-    /// Tells a registration's heap entry from one of an earlier
-    /// registration of the same name and address.
-    last_beat: u64,
+    beats: DueHeap<Instant, RegId>,
+    /// The last registration's number (see [`RegId`]).
+    last_id: u64,
 }
 
 impl Own {
@@ -511,9 +507,64 @@ impl Own {
     fn forget_stale_beats(&mut self) {
         let services = &self.services;
         if self.beats.needs_compacting(services.len()) {
-            self.beats
-                .compact(|_, b| services.get(&b.key).is_some_and(|r| r.beat == b.id));
+            self.beats.compact(|_, b| services.by_id(*b).is_some());
         }
+    }
+}
+
+/// The services registered here. The table's key is each registration's
+/// own name and address, not a copy of them: registering hashes them once,
+/// for the lookup, the insertion and the heartbeat's phase, and the heap
+/// and the ping lists refer to a registration by its [`RegId`].
+#[derive(Default)]
+struct Registrations(hashbrown::HashTable<Registered>);
+
+impl Registrations {
+    /// Fixed seed: a registration's heartbeat phase comes from this hash
+    /// and must not change for the process's life.
+    fn hash(name: &str, address: &str) -> u64 {
+        use std::hash::BuildHasher;
+        foldhash::fast::FixedState::default().hash_one((name, address))
+    }
+
+    fn find_mut(&mut self, hash: u64, name: &str, address: &str) -> Option<&mut Registered> {
+        self.0.find_mut(hash, Self::is(name, address))
+    }
+
+    fn is<'a>(name: &'a str, address: &'a str) -> impl Fn(&Registered) -> bool + 'a {
+        move |r| r.service.address == address && r.service.name == name
+    }
+
+    fn get_mut(&mut self, name: &str, address: &str) -> Option<&mut Registered> {
+        self.find_mut(Self::hash(name, address), name, address)
+    }
+
+    /// The registration `id` names, if it still stands.
+    fn by_id(&self, id: RegId) -> Option<&Registered> {
+        self.0.find(id.hash, |r| r.id == id)
+    }
+
+    /// Adds a registration whose name and address are not in the table.
+    fn insert_new(&mut self, r: Registered) {
+        self.0.insert_unique(r.id.hash, r, |r| r.id.hash);
+    }
+
+    fn remove(&mut self, name: &str, address: &str) -> Option<Registered> {
+        let hash = Self::hash(name, address);
+        let found = self.0.find_entry(hash, Self::is(name, address));
+        Some(found.ok()?.remove().0)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Registered> {
+        self.0.iter()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = Registered> + '_ {
+        self.0.drain()
     }
 }
 
@@ -523,8 +574,7 @@ struct Registered {
     status: Status,
     /// Where it is announced, shared by its name's registrations.
     subject: Subject,
-    /// Its entry in `beats`.
-    beat: u64,
+    id: RegId,
 }
 
 /// A registration's announcement to send: where, what, and its status.
@@ -536,11 +586,13 @@ impl Registered {
     }
 }
 
-/// A heartbeat heap entry: which registration it is for.
-#[derive(PartialEq, Eq, PartialOrd, Ord)]
-struct Beat {
+/// Names one registration, in the heartbeat heap and its name's list: the
+/// hash of its name and address, to find it, and a number that tells it
+/// from an earlier registration of the same name and address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct RegId {
+    hash: u64,
     id: u64,
-    key: Key,
 }
 
 struct Pinged {
@@ -551,7 +603,7 @@ struct Pinged {
     answer_pending: bool,
     /// The services registered here under this name: a ping reads these,
     /// however many other names are registered here.
-    keys: Vec<Key>,
+    ids: Vec<RegId>,
 }
 
 #[derive(Default)]
@@ -625,7 +677,6 @@ impl Registry {
     pub async fn register(&self, service: Service) -> Result<Registration> {
         let inner = &self.inner;
         inner.check()?;
-        protocol::validate_name(&service.name)?;
         if service.address.is_empty() {
             return Err(Error::InvalidService {
                 name: service.name.into(),
@@ -645,6 +696,9 @@ impl Registry {
             if let Some(recorded) = inner.record(&mut lock(&inner.own), &service) {
                 break recorded;
             }
+            // Checked here, off the path of a name whose pings are answered
+            // already: it passed this check before they could be.
+            protocol::validate_name(&service.name)?;
             inner.answer_pings(&service.name).await?;
         };
         // Kept even if the broker is away: heartbeats and the reconnection
@@ -665,14 +719,15 @@ impl Registry {
         let inner = &self.inner;
         inner.check()?;
         protocol::validate_name(&service.name)?;
-        let key = (service.name.clone(), service.address.clone());
         let removed = {
             let mut own = lock(&inner.own);
-            let removed = own.services.remove(&key);
-            let last_of_name = match own.pings.get_mut(key.0.as_str()) {
+            let removed = own.services.remove(&service.name, &service.address);
+            let last_of_name = match own.pings.get_mut(service.name.as_str()) {
                 Some(p) => {
-                    p.keys.retain(|k| *k != key);
-                    p.keys.is_empty()
+                    if let Some(r) = &removed {
+                        p.ids.retain(|id| *id != r.id);
+                    }
+                    p.ids.is_empty()
                 }
                 None => false,
             };
@@ -686,8 +741,8 @@ impl Registry {
         };
         let Some(removed) = removed else {
             return Err(Error::NotRegistered {
-                name: key.0.into(),
-                address: key.1.into(),
+                name: service.name.to_string(),
+                address: service.address.to_string(),
             });
         };
         inner.publish_unregister(&removed.service).await?;
@@ -703,7 +758,7 @@ impl Registry {
         let registered = {
             let mut own = lock(&inner.own);
             own.services
-                .get_mut(&(service.name.clone(), service.address.clone()))
+                .get_mut(&service.name, &service.address)
                 .map(|r| {
                     r.status = status;
                     (r.subject.clone(), r.service.clone())
@@ -1147,7 +1202,7 @@ impl Inner {
                 announce,
                 last_answer: None,
                 answer_pending: false,
-                keys: Vec::new(),
+                ids: Vec::new(),
             },
         );
         drop(serial);
@@ -1353,9 +1408,9 @@ impl Inner {
         self.counters.pings_answered.fetch_add(1, Ordering::Relaxed);
         let services: Vec<Outgoing> = {
             let own = lock(&self.own);
-            let keys = own.pings.get(name).map_or(&[][..], |p| &p.keys[..]);
-            keys.iter()
-                .filter_map(|k| own.services.get(k))
+            let ids = own.pings.get(name).map_or(&[][..], |p| &p.ids[..]);
+            ids.iter()
+                .filter_map(|id| own.services.by_id(*id))
                 .map(Registered::outgoing)
                 .collect()
         };
@@ -1421,35 +1476,27 @@ impl Inner {
     fn record(&self, own: &mut Own, service: &Arc<Service>) -> Option<(Subject, Status)> {
         own.ping_all.as_ref()?;
         let pinged = own.pings.get_mut(service.name.as_str())?;
-        let key = (service.name.clone(), service.address.clone());
-        let vacant = match own.services.entry(key) {
-            Entry::Occupied(mut r) => {
-                let r = r.get_mut();
-                r.service = service.clone();
-                return Some((r.subject.clone(), r.status));
-            }
-            Entry::Vacant(v) => v,
+        let hash = Registrations::hash(&service.name, &service.address);
+        if let Some(r) = own.services.find_mut(hash, &service.name, &service.address) {
+            r.service = service.clone();
+            return Some((r.subject.clone(), r.status));
+        }
+        own.last_id += 1;
+        let id = RegId {
+            hash,
+            id: own.last_id,
         };
-        let key = vacant.key().clone();
-        own.last_beat += 1;
-        let id = own.last_beat;
-        let at = Instant::now() + phase(&key, self.opts.register_interval);
-        if own.beats.push(
-            at,
-            Beat {
-                id,
-                key: key.clone(),
-            },
-        ) {
+        let at = Instant::now() + phase(hash, self.opts.register_interval);
+        if own.beats.push(at, id) {
             self.beat_timer.notify_one();
         }
-        pinged.keys.push(key);
+        pinged.ids.push(id);
         let subject = pinged.announce.clone();
-        vacant.insert(Registered {
+        own.services.insert_new(Registered {
             service: service.clone(),
             status: Status::Passing,
             subject: subject.clone(),
-            beat: id,
+            id,
         });
         Some((subject, Status::Passing))
     }
@@ -1463,12 +1510,11 @@ impl Inner {
         let own = &mut *own;
         let mut due = Vec::new();
         while let Some((was, beat)) = own.beats.pop_due(now) {
-            let Some(r) = own.services.get(&beat.key) else {
-                continue; // unregistered since
+            // Gone if unregistered since, or if the entry is an earlier
+            // registration's.
+            let Some(r) = own.services.by_id(beat) else {
+                continue;
             };
-            if r.beat != beat.id {
-                continue; // an earlier registration's entry
-            }
             due.push(r.outgoing());
             let on_time = was + interval;
             let at = if on_time > now {
@@ -1563,7 +1609,7 @@ impl Inner {
             listener.abort();
         }
         own.beats.clear();
-        own.services.drain().map(|(_, r)| r.service).collect()
+        own.services.drain().map(|r| r.service).collect()
     }
 }
 
@@ -1604,11 +1650,8 @@ impl Drop for Inner {
 /// Where in the interval a registration heartbeats: hashed from its name
 /// and address, so services registered together (10,000 at start-up) spread
 /// their heartbeats over the interval instead of sending them in one burst.
-fn phase(key: &Key, interval: Duration) -> Duration {
-    use std::hash::BuildHasher;
-    // Fixed seed: a registration keeps its phase for the process's life.
-    let h = foldhash::fast::FixedState::default().hash_one(key);
-    interval.mul_f64((h % 1000 + 1) as f64 / 1000.0)
+fn phase(hash: u64, interval: Duration) -> Duration {
+    interval.mul_f64((hash % 1000 + 1) as f64 / 1000.0)
 }
 
 /// Sends every registration's heartbeat when it comes due.
@@ -1670,14 +1713,14 @@ mod tests {
             registry.register(s.clone()).await.unwrap();
             registry.unregister(&s).await.unwrap();
         }
-        let own = lock(&registry.inner.own);
+        let mut own = lock(&registry.inner.own);
         assert!(
             own.beats.len() <= 2 * own.services.len() + 1024 + 1,
             "{}",
             own.beats.len()
         );
         // The live registration kept its entry.
-        let live = own.services[&(kept.name.clone(), kept.address.clone())].beat;
-        assert!(own.beats.items().any(|b| b.id == live));
+        let live = own.services.get_mut(&kept.name, &kept.address).unwrap().id;
+        assert!(own.beats.items().any(|b| *b == live));
     }
 }
