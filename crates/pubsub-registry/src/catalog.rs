@@ -21,7 +21,7 @@
 //! of 8 bytes, the name's number and the instance's position in the name's
 //! snapshot (an `Instant` and copies of the name and address took 56).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -84,6 +84,10 @@ struct Writer {
     ids: HashMap<Arc<str>, u32, Hasher>,
     /// By number: heap entries name a name by it.
     states: Vec<NameState>,
+    /// The number of the name looked up last: a burst, and most batches,
+    /// are one name's announcements, and comparing the name costs less
+    /// than hashing it.
+    last: Option<u32>,
     heap: DueHeap<Tick, Due>,
     /// Instances tracked (slots in all names).
     live: usize,
@@ -144,6 +148,7 @@ impl Writer {
 }
 
 struct NameState {
+    name: Arc<str>,
     entry: Arc<NameEntry>,
     slots: Slots,
     /// The next snapshot, while a batch changes it.
@@ -157,6 +162,23 @@ struct Batch {
     wall_ms: u64,
     /// Due-time factor: how many intervals an instance lives unheard.
     factor: f64,
+    /// The last interval and how long it lets an instance live: a batch's
+    /// announcements nearly all carry one interval, and `mul_f64` is a
+    /// noticeable part of a message's cost.
+    lives: Cell<(Duration, Duration)>,
+}
+
+impl Batch {
+    /// How long an announcement of `interval` lives unheard.
+    fn lives(&self, interval: Duration) -> Duration {
+        let (last, lives) = self.lives.get();
+        if last == interval {
+            return lives;
+        }
+        let lives = interval.min(MAX_DUE).mul_f64(self.factor).min(MAX_DUE);
+        self.lives.set((interval, lives));
+        lives
+    }
 }
 
 /// A change to apply, decoded from the wire.
@@ -394,6 +416,8 @@ impl Catalog {
             at: self.tick(Instant::now()),
             wall_ms: unix_ms(SystemTime::now()),
             factor,
+            // Zero lives for zero whatever the factor.
+            lives: Cell::new((Duration::ZERO, Duration::ZERO)),
         };
         for change in changes {
             let event = match change {
@@ -449,9 +473,7 @@ impl Catalog {
         sent_ms: u64,
         batch: &Batch,
     ) -> Option<Event> {
-        let due = batch
-            .at
-            .after(interval.min(MAX_DUE).mul_f64(batch.factor).min(MAX_DUE));
+        let due = batch.at.after(batch.lives(interval));
         let id = self.id(w, &service.name);
         let state = &mut w.states[id as usize];
         let fresh = |service| {
@@ -582,15 +604,25 @@ impl Catalog {
     /// The number of a name's state, made empty (and visible to readers)
     /// on first use.
     fn id(&self, w: &mut Writer, name: &str) -> u32 {
-        if let Some(&id) = w.ids.get(name) {
-            return id;
+        if let Some(last) = w.last.filter(|&id| *w.states[id as usize].name == *name) {
+            return last;
         }
+        let id = match w.ids.get(name) {
+            Some(&id) => id,
+            None => self.new_name(w, name),
+        };
+        w.last = Some(id);
+        id
+    }
+
+    fn new_name(&self, w: &mut Writer, name: &str) -> u32 {
         let name: Arc<str> = name.into();
         let entry = Arc::new(NameEntry::default());
         self.names.pin().insert(name.clone(), entry.clone());
         let id = u32::try_from(w.states.len()).expect("fewer than 2^32 names");
-        w.ids.insert(name, id);
+        w.ids.insert(name.clone(), id);
         w.states.push(NameState {
+            name,
             entry,
             slots: Slots::default(),
             pending: None,

@@ -1720,6 +1720,28 @@ mod tests {
 
         proptest! {
             #[test]
+            fn integers_are_read_as_str_parse_reads_them(
+                digits in "[0-9]{0,24}",
+                // The bytes either side of the digits, `/` and `:`; anything.
+                after in prop_oneof![
+                    Just(String::new()),
+                    "[/:]{1,8}",
+                    "[^0-9]{1,8}",
+                ],
+            ) {
+                let text = format!("{digits}{after}");
+                let mut p = Plain { text: &text, at: 0 };
+                let expected = (!digits.is_empty() && (digits.len() == 1 || !digits.starts_with('0')))
+                    .then(|| digits.parse::<i64>().ok())
+                    .flatten();
+                let got = p.int();
+                prop_assert_eq!(got, expected);
+                if got.is_some() {
+                    prop_assert_eq!(p.at, digits.len());
+                }
+            }
+
+            #[test]
             fn unescaped_len_stops_at_the_first_byte_to_escape(
                 bytes in proptest::collection::vec(
                     prop_oneof![any::<u8>(), Just(b'"'), Just(b'\\'), 0u8..0x20, 0x20u8..0x7f],
