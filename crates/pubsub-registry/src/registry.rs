@@ -674,7 +674,7 @@ impl Registry {
     /// Errors: an invalid name, an empty address, a closed registry, or the
     /// broker refusing the subscription. A broker that is away is not an
     /// error: the service is kept and announced as soon as the link is back.
-    pub async fn register(&self, service: Service) -> Result<Registration> {
+    pub async fn register(&self, mut service: Service) -> Result<Registration> {
         let inner = &self.inner;
         inner.check()?;
         if service.address.is_empty() {
@@ -683,7 +683,6 @@ impl Registry {
                 reason: "the address is empty: an instance is identified by name and address",
             });
         }
-        let mut service = service;
         if service.host.is_empty() {
             service.host = inner.opts.host.as_str().into();
         }
