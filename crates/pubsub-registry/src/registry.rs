@@ -528,10 +528,10 @@ impl Registrations {
     }
 
     fn find_mut(&mut self, hash: u64, name: &str, address: &str) -> Option<&mut Registered> {
-        self.0.find_mut(hash, Self::is(name, address))
+        self.0.find_mut(hash, Self::matching(name, address))
     }
 
-    fn is<'a>(name: &'a str, address: &'a str) -> impl Fn(&Registered) -> bool + 'a {
+    fn matching<'a>(name: &'a str, address: &'a str) -> impl Fn(&Registered) -> bool + 'a {
         move |r| r.service.address == address && r.service.name == name
     }
 
@@ -551,7 +551,7 @@ impl Registrations {
 
     fn remove(&mut self, name: &str, address: &str) -> Option<Registered> {
         let hash = Self::hash(name, address);
-        let found = self.0.find_entry(hash, Self::is(name, address));
+        let found = self.0.find_entry(hash, Self::matching(name, address));
         Some(found.ok()?.remove().0)
     }
 
