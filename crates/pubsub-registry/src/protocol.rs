@@ -651,15 +651,23 @@ fn encode(service: &Service, t: Option<WireTime>, status: Status) -> Vec<u8> {
     // Written into a buffer kept per thread, then copied out at its exact
     // size: `Bytes::from` a vector with room to spare allocates a second
     // time, for a header, on every message sent.
-    SCRATCH.with_borrow_mut(|out| {
+    let write = |out: &mut Vec<u8>| {
         out.clear();
         write_payload(out, service, t, status);
-        let payload = out.to_vec();
-        if out.capacity() > SCRATCH_KEPT {
-            *out = Vec::new();
-        }
-        payload
-    })
+        out.to_vec()
+    };
+    // A thread tearing down its locals (a `Drop` at thread exit) has no
+    // buffer left: it gets one of its own.
+    SCRATCH
+        .try_with(|scratch| {
+            let mut out = scratch.borrow_mut();
+            let payload = write(&mut out);
+            if out.capacity() > SCRATCH_KEPT {
+                *out = Vec::new();
+            }
+            payload
+        })
+        .unwrap_or_else(|_| write(&mut Vec::new()))
 }
 
 /// Largest scratch buffer kept between payloads: one huge `kv` must not
@@ -796,6 +804,7 @@ fn json_int(out: &mut Vec<u8>, n: i64) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
+#[derive(Clone, Copy)]
 struct WireTime {
     registered: i64,
     duration: i64,
@@ -1797,6 +1806,35 @@ mod tests {
                     super::serde_reference::encode(s, Some((1, 2)), Status::Passing)
                 );
             }
+        }
+
+        /// Encoding from a `Drop` that runs after the thread's scratch
+        /// buffer is gone (thread locals are destroyed in the reverse
+        /// order of their first use): a payload all the same, no panic.
+        #[test]
+        fn encodes_while_a_thread_tears_down() {
+            struct AtExit(std::sync::mpsc::Sender<Vec<u8>>);
+            impl Drop for AtExit {
+                fn drop(&mut self) {
+                    let s = Service::new("late", "10.0.0.3:3");
+                    let _ = self.0.send(encode_unregister(&s));
+                }
+            }
+            thread_local! {
+                static AT_EXIT: RefCell<Option<AtExit>> = const { RefCell::new(None) };
+            }
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                AT_EXIT.with_borrow_mut(|a| *a = Some(AtExit(tx)));
+                encode_unregister(&Service::new("first", "10.0.0.1:1"));
+            })
+            .join()
+            .unwrap();
+            let s = Service::new("late", "10.0.0.3:3");
+            assert_eq!(
+                rx.recv().unwrap(),
+                super::serde_reference::encode(&s, None, Status::Passing)
+            );
         }
 
         fn status() -> impl Strategy<Value = Status> {
