@@ -1303,7 +1303,7 @@ impl Inner {
         };
         match (kind, listener) {
             (Kind::Register, Listener::Observer) => {
-                changes.extend(self.on_announcement(name, &msg.payload))
+                self.on_announcement(name, &msg.payload, changes)
             }
             (Kind::Unregister, Listener::Observer) => {
                 changes.extend(self.on_unregister(name, &msg.payload))
@@ -1318,23 +1318,19 @@ impl Inner {
         }
     }
 
-    fn on_announcement(&self, name: &str, payload: &[u8]) -> Option<Change> {
+    fn on_announcement(&self, name: &str, payload: &[u8], changes: &mut Vec<Change>) {
         let a = match protocol::decode_on(payload, name) {
             Ok(a) => a,
-            Err(e) => {
-                self.reject(name, &e);
-                return None;
-            }
+            Err(e) => return self.reject(name, &e),
         };
-        if !self.accepts(&a.service) {
-            return None;
+        if self.accepts(&a.service) {
+            changes.push(Change::Announce {
+                interval: a.interval().unwrap_or(self.opts.register_interval),
+                sent_ms: a.sent_ms(),
+                service: a.service,
+                status: a.status,
+            });
         }
-        Some(Change::Announce {
-            interval: a.interval().unwrap_or(self.opts.register_interval),
-            sent_ms: a.sent_ms(),
-            service: a.service,
-            status: a.status,
-        })
     }
 
     fn on_unregister(&self, name: &str, payload: &[u8]) -> Option<Change> {
