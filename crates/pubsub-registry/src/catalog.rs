@@ -211,8 +211,11 @@ impl Slots {
     }
 
     fn find_mut(&mut self, hash: u64, address: &str) -> Option<&mut Slot> {
-        self.table
-            .find_mut(hash, |s| s.instance.address() == address)
+        self.table.find_mut(hash, Self::matching(address))
+    }
+
+    fn matching(address: &str) -> impl Fn(&Slot) -> bool + '_ {
+        move |s| s.instance.address() == address
     }
 
     fn get_mut(&mut self, address: &str) -> Option<&mut Slot> {
@@ -229,7 +232,7 @@ impl Slots {
     fn remove(&mut self, address: &str) -> Option<Slot> {
         let entry = self
             .table
-            .find_entry(self.hash(address), |s| s.instance.address() == address)
+            .find_entry(self.hash(address), Self::matching(address))
             .ok()?;
         Some(entry.remove().0)
     }

@@ -222,17 +222,20 @@ impl Announcement {
 
     /// The sender's timestamp, when it gave one that is representable.
     pub fn sent_at(&self) -> Option<SystemTime> {
-        let ms = u64::try_from(self.registered_ms?).ok()?;
-        UNIX_EPOCH.checked_add(Duration::from_millis(ms))
+        self.sent().map(|(_, at)| at)
     }
 
     /// [`sent_at`](Self::sent_at) in Unix milliseconds, 0 for none (as an
     /// instance keeps it): no round trip through `SystemTime`, which costs
     /// a division per message.
     pub(crate) fn sent_ms(&self) -> u64 {
-        let ms = self.registered_ms.and_then(|ms| u64::try_from(ms).ok());
-        ms.filter(|&ms| UNIX_EPOCH.checked_add(Duration::from_millis(ms)).is_some())
-            .unwrap_or(0)
+        self.sent().map_or(0, |(ms, _)| ms)
+    }
+
+    /// The sender's timestamp both ways, when it is representable.
+    fn sent(&self) -> Option<(u64, SystemTime)> {
+        let ms = u64::try_from(self.registered_ms?).ok()?;
+        Some((ms, UNIX_EPOCH.checked_add(Duration::from_millis(ms))?))
     }
 }
 

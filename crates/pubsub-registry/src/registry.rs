@@ -1306,7 +1306,7 @@ impl Inner {
                 self.on_announcement(name, &msg.payload, changes)
             }
             (Kind::Unregister, Listener::Observer) => {
-                changes.extend(self.on_unregister(name, &msg.payload))
+                self.on_unregister(name, &msg.payload, changes)
             }
             // Pings are empty (PROTOCOL.md); anything else is not a ping.
             (Kind::Ping, Listener::Pinged) if !msg.payload.is_empty() => {
@@ -1333,16 +1333,13 @@ impl Inner {
         }
     }
 
-    fn on_unregister(&self, name: &str, payload: &[u8]) -> Option<Change> {
+    fn on_unregister(&self, name: &str, payload: &[u8], changes: &mut Vec<Change>) {
         match protocol::decode_on(payload, name) {
-            Ok(a) => Some(Change::Remove {
+            Ok(a) => changes.push(Change::Remove {
                 name: a.service.name,
                 address: a.service.address,
             }),
-            Err(e) => {
-                self.reject(name, &e);
-                None
-            }
+            Err(e) => self.reject(name, &e),
         }
     }
 
@@ -1546,11 +1543,7 @@ impl Inner {
     }
 
     async fn publish_unregister(&self, service: &Service) -> Result<()> {
-        let subject = protocol::subject(&self.opts.main_topic, Kind::Unregister, &service.name);
-        let payload = protocol::encode_unregister(service);
-        self.transport
-            .publish(subject.into(), None, payload.into())
-            .await
+        unregister(&*self.transport, &self.opts.main_topic, service).await
     }
 
     async fn flush(&self) -> Result<()> {
@@ -1631,15 +1624,20 @@ impl Drop for Inner {
         let main = self.opts.main_topic.clone();
         runtime.spawn(async move {
             for s in &services {
-                let subject = protocol::subject(&main, Kind::Unregister, &s.name);
-                let payload = protocol::encode_unregister(s);
-                let _ = transport
-                    .publish(subject.into(), None, payload.into())
-                    .await;
+                let _ = unregister(&*transport, &main, s).await;
             }
             let _ = transport.flush().await;
         });
     }
+}
+
+/// Tells observers that `service` is gone.
+async fn unregister(transport: &dyn Transport, main: &str, service: &Service) -> Result<()> {
+    let subject = protocol::subject(main, Kind::Unregister, &service.name);
+    let payload = protocol::encode_unregister(service);
+    transport
+        .publish(subject.into(), None, payload.into())
+        .await
 }
 
 /// Where in the interval a registration heartbeats: hashed from its name
