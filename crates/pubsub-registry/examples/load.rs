@@ -157,6 +157,9 @@ async fn raw_client(url: &str) -> Result<async_nats::Client, Error> {
 /// Longest wait for a burst to arrive before counting what was lost.
 const ARRIVAL_DEADLINE: Duration = Duration::from_secs(30);
 
+/// Longest wait for the registry to give back a burst's memory.
+const RELEASE_DEADLINE: Duration = Duration::from_secs(10);
+
 async fn nats(url: &str) -> Result<Arc<NatsTransport>, Error> {
     Ok(Arc::new(NatsTransport::connect(url).await?))
 }
@@ -678,15 +681,23 @@ async fn child(role: &str, args: &Args) -> Result<(), Error> {
             while observer.stats().instances < n {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            let rss = rss_kib();
-            // What the allocator keeps from the ingest burst (message
-            // buffers) is not the cache: give it back, then measure again.
+            let (rss, arrived) = (rss_kib(), Instant::now());
+            // The registry gives back what the burst's queued messages
+            // left in the allocator a quiet second after the backlog.
+            while observer.stats().memory_releases == 0 && arrived.elapsed() < RELEASE_DEADLINE {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let (released, after) = (rss_kib(), arrived.elapsed());
+            // Everything glibc still holds that is not live, for the size
+            // of the cache alone.
             // SAFETY: malloc_trim has no preconditions.
             unsafe { libc::malloc_trim(0) };
             let trimmed = rss_kib();
             println!(
-                "memory {n} instances: observer process RSS {:.1} MiB, {:.1} MiB after malloc_trim ({:.1} MiB before the registry): {:.0} bytes per instance",
+                "memory {n} instances: observer process RSS {:.1} MiB on arrival, {:.1} MiB {after:.1?} later ({} release), {:.1} MiB after malloc_trim ({:.1} MiB before the registry): {:.0} bytes per instance",
                 rss as f64 / 1024.0,
+                released as f64 / 1024.0,
+                observer.stats().memory_releases,
                 trimmed as f64 / 1024.0,
                 rss_before as f64 / 1024.0,
                 (trimmed - rss_before) as f64 * 1024.0 / n as f64

@@ -51,6 +51,7 @@ pub mod http;
 pub mod net;
 pub mod protocol;
 mod registry;
+mod release;
 pub mod service;
 pub mod transport;
 

@@ -28,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::event::{Event, EventStream};
 use crate::filter::{Chain, Filter, ObserveFilter};
 use crate::protocol::{self, Kind};
+use crate::release::Release;
 use crate::service::{Instance, Instances, Service, Status};
 use crate::transport::memory::MemoryBus;
 use crate::transport::{Message, Messages, Subject, Topic, Transport};
@@ -44,6 +45,10 @@ pub const DEFAULT_DUE_FACTOR: f64 = 1.5;
 pub const DEFAULT_PING_WINDOW: Duration = Duration::from_millis(50);
 /// Most messages a subscription takes in under one lock of the cache.
 const MAX_BATCH: usize = 256;
+/// A batch at least this long was a queue: messages arrived faster than
+/// they were taken in. (tokio's cooperative budget ends a batch at 128
+/// messages in practice, before `MAX_BATCH`.)
+const QUEUED: usize = 64;
 
 /// Events a subscriber may fall behind by before it starts missing some.
 pub const DEFAULT_EVENT_CAPACITY: usize = 1024;
@@ -99,6 +104,7 @@ struct Options {
     host: String,
     ping_window: Duration,
     event_capacity: usize,
+    release_memory: bool,
 }
 
 impl Default for RegistryBuilder {
@@ -116,6 +122,7 @@ impl Default for RegistryBuilder {
                 host: gethostname::gethostname().to_string_lossy().into_owned(),
                 ping_window: DEFAULT_PING_WINDOW,
                 event_capacity: DEFAULT_EVENT_CAPACITY,
+                release_memory: true,
             },
         }
     }
@@ -243,6 +250,24 @@ impl RegistryBuilder {
     /// Events each stream subscriber may fall behind by (default 1024).
     pub fn event_capacity(mut self, capacity: usize) -> Self {
         self.opts.event_capacity = capacity;
+        self
+    }
+
+    /// Whether to give the memory a burst of messages leaves behind back to
+    /// the system (default: yes). With glibc, messages that queue faster
+    /// than the cache takes them in leave freed memory in the allocator's
+    /// per-thread arenas, which it keeps: an observer that took in 100,000
+    /// announcements at once held 73 MiB for a live set of 45. When a
+    /// subscription has worked through a backlog of at least 8,192
+    /// messages and a second has then passed without a new one, the
+    /// registry calls glibc's `malloc_trim` once, on tokio's blocking pool;
+    /// [`Stats::memory_releases`] counts the calls. Paced traffic and
+    /// heartbeats never build a backlog and never cause one. It walks the
+    /// whole heap with each arena locked in turn, so a process with a
+    /// large heap and strict allocation latencies may prefer to turn it
+    /// off. Other allocators and platforms: no effect.
+    pub fn release_memory(mut self, release: bool) -> Self {
+        self.opts.release_memory = release;
         self
     }
 
@@ -389,6 +414,9 @@ pub struct Stats {
     /// due time, the entry of an instance that moved when another was
     /// removed), never with a scan of everything tracked.
     pub expiry_checks: u64,
+    /// Times the memory a burst left behind was given back (see
+    /// [`RegistryBuilder::release_memory`]).
+    pub memory_releases: u64,
 }
 
 #[derive(Default)]
@@ -444,6 +472,7 @@ struct Inner {
     /// Woken when the earliest heartbeat moves earlier. Not in `own`: the
     /// heartbeat task waits on it without keeping the registry alive.
     beat_timer: Arc<Notify>,
+    release: Arc<Release>,
 }
 
 /// What a subscription is for.
@@ -644,6 +673,7 @@ impl Registry {
 
     fn start(transport: Arc<dyn Transport>, opts: Options) -> Registry {
         let (events, _) = broadcast::channel(opts.event_capacity);
+        let release = Arc::new(Release::new(opts.release_memory));
         let inner = Arc::new(Inner {
             transport,
             opts,
@@ -655,6 +685,7 @@ impl Registry {
             counters: Counters::default(),
             tasks: Mutex::default(),
             beat_timer: Arc::default(),
+            release,
         });
         let weak = Arc::downgrade(&inner);
         let expiry = tokio::spawn(expire(inner.catalog.clone(), weak.clone()));
@@ -1020,6 +1051,7 @@ impl Registry {
             pings_answered: c.pings_answered.load(Ordering::Relaxed),
             instances: self.inner.catalog.len(),
             expiry_checks: self.inner.catalog.expiry_checks.load(Ordering::Relaxed),
+            memory_releases: self.inner.release.done.load(Ordering::Relaxed),
         }
     }
 
@@ -1256,6 +1288,9 @@ impl Inner {
                     } else {
                         None
                     };
+                }
+                if taken >= QUEUED {
+                    inner.release.queued(taken);
                 }
                 if !changes.is_empty() {
                     for event in inner

@@ -1,0 +1,107 @@
+//! Giving back the memory a burst leaves behind (glibc's `malloc_trim`):
+//! once after a backlog, never for paced traffic, never when turned off.
+#![cfg(all(target_os = "linux", target_env = "gnu"))]
+
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use pubsub_registry::protocol::encode_announcement;
+use pubsub_registry::transport::Transport;
+use pubsub_registry::{MemoryBus, Registry, Service, Status};
+
+const NAME: &str = "burst";
+
+/// More than the 8,192 queued messages that make a release worth it.
+const BURST: usize = 20_000;
+
+async fn announce(bus: &MemoryBus, i: usize) {
+    let service = Service::new(NAME, format!("10.2.{}.{}:80", i / 256, i % 256));
+    let payload = encode_announcement(
+        &service,
+        Status::Passing,
+        SystemTime::now(),
+        Duration::from_secs(20),
+    );
+    bus.publish(
+        format!("registry.register.{NAME}").into(),
+        None,
+        payload.into(),
+    )
+    .await
+    .unwrap();
+}
+
+async fn observer(bus: &MemoryBus, release: bool) -> Registry {
+    let observer = Registry::builder()
+        .memory(bus)
+        .release_memory(release)
+        .build()
+        .await
+        .unwrap();
+    observer.observe(NAME).await.unwrap();
+    observer
+}
+
+/// Publishes the whole burst before the observer's listener runs (one
+/// thread, and publishing to the bus never waits), so it all queues.
+async fn burst(bus: &MemoryBus, observer: &Registry) {
+    for i in 0..BURST {
+        announce(bus, i).await;
+    }
+    wait_for(
+        || observer.stats().instances == BURST,
+        "the burst to arrive",
+    )
+    .await;
+}
+
+/// Waits up to 20 s of real time; the paused clock moves on meanwhile,
+/// except while a blocking task (the release) is running.
+async fn wait_for(done: impl Fn() -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited 20 s for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_burst_is_given_back_once_it_has_drained() {
+    let bus = MemoryBus::new();
+    let observer = observer(&bus, true).await;
+    burst(&bus, &observer).await;
+    wait_for(|| observer.stats().memory_releases > 0, "a release").await;
+    // One burst, one release, even though it filled many batches.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(observer.stats().memory_releases, 1);
+    assert_eq!(bus.dropped(), 0);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn paced_announcements_never_cause_a_release() {
+    let bus = MemoryBus::new();
+    let observer = observer(&bus, true).await;
+    let mut events = observer.events_for(NAME);
+    for i in 0..BURST {
+        announce(&bus, i).await;
+        events.next().await.unwrap().unwrap();
+    }
+    // Well past the quiet second (the paused clock does not move while a
+    // blocking task, a release, is running).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let stats = observer.stats();
+    assert_eq!(stats.instances, BURST);
+    assert_eq!(stats.memory_releases, 0);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn no_release_when_turned_off() {
+    let bus = MemoryBus::new();
+    let observer = observer(&bus, false).await;
+    burst(&bus, &observer).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(observer.stats().memory_releases, 0);
+}
