@@ -27,6 +27,8 @@ const WORTH_IT: u64 = 8192;
 /// How long the backlog must have been gone before the release.
 const QUIET: Duration = Duration::from_secs(1);
 
+/// One registry's account of the backlogs its listeners worked through,
+/// and of the releases they led to.
 pub(crate) struct Release {
     enabled: bool,
     /// Messages taken from a queue since the last release.
