@@ -71,8 +71,8 @@ pub struct EventStream {
 /// `recv` borrows it): the receiver is moved into a boxed wait when there is
 /// nothing to take and back out when the wait ends. Events already sent are
 /// taken straight from the receiver, with no future: in a burst that is
-/// nearly all of them, and boxing a wait for each one cost more than
-/// taking the event (tokio-stream's `BroadcastStream` does).
+/// nearly all of them, and boxing a wait for each one, as tokio-stream's
+/// `BroadcastStream` does, cost more than taking the event.
 enum Rx {
     Ready(Receiver<Event>),
     Waiting(Pin<Box<dyn Future<Output = Waited> + Send + Sync>>),

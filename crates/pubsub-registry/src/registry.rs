@@ -719,9 +719,9 @@ impl Registry {
         }
         let service = Arc::new(service);
         // `record` checks that pings for the name are answered under the
-        // lock it records under: an unregister of the name's last other service in
-        // between would take the ping subscription away (then subscribe
-        // again and retry).
+        // lock it records under: an unregister of the name's last other
+        // service in between would take the ping subscription away (then
+        // subscribe again and retry).
         let (subject, status) = loop {
             if let Some(recorded) = inner.record(&mut lock(&inner.own), &service) {
                 break recorded;
