@@ -34,7 +34,10 @@ use tokio::time::Instant;
 
 use crate::due::DueHeap;
 use crate::event::{Event, EventKind};
-use crate::service::{unix_ms, Chunks, CompactString, Instance, Service, Status};
+use crate::protocol::Announcement;
+#[cfg(test)]
+use crate::service::Status;
+use crate::service::{unix_ms, Chunks, Instance, Service};
 
 type Hasher = foldhash::fast::RandomState;
 type NameMap = papaya::HashMap<Arc<str>, Arc<NameEntry>, Hasher>;
@@ -181,33 +184,83 @@ impl Batch {
     }
 }
 
-/// A change to apply, decoded from the wire.
-pub(crate) enum Change {
-    Announce {
-        service: Service,
-        status: Status,
-        interval: Duration,
-        /// The sender's clock, Unix milliseconds; 0 if not given.
-        sent_ms: u64,
-    },
-    Remove {
-        name: CompactString,
-        address: CompactString,
-    },
+/// A change to apply, decoded from the wire into its place in a batch
+/// ([`Change::push`]): an announcement weighs some 200 bytes, and each move
+/// of one is a `memcpy`.
+#[derive(Default)]
+pub(crate) struct Change {
+    pub(crate) what: Announcement,
+    pub(crate) kind: ChangeKind,
+}
+
+#[derive(Clone, Copy, Default)]
+pub(crate) enum ChangeKind {
+    /// Keep the instance for this interval (x the due factor).
+    Announce { interval: Duration },
+    /// Drop it.
+    #[default]
+    Remove,
+}
+
+impl Change {
+    /// Adds an empty change to `batch`, to be filled in place.
+    pub(crate) fn push(batch: &mut Vec<Change>) -> &mut Change {
+        batch.push(Change::default());
+        let last = batch.len() - 1;
+        &mut batch[last]
+    }
+
+    #[cfg(test)]
+    fn announce(service: Service, status: Status, interval: Duration, sent_ms: u64) -> Self {
+        Change {
+            what: Announcement {
+                service,
+                status,
+                registered_ms: (sent_ms > 0).then_some(sent_ms as i64),
+                duration_ms: None,
+            },
+            kind: ChangeKind::Announce { interval },
+        }
+    }
+
+    #[cfg(test)]
+    fn remove(name: &str, address: &str) -> Self {
+        Change {
+            what: Announcement {
+                service: Service::new(name, address),
+                ..Announcement::default()
+            },
+            kind: ChangeKind::Remove,
+        }
+    }
 }
 
 /// A name's slots by address. The address is the instance's own, not kept
 /// again as a key: 24 bytes less an instance, and one hash of it per
-/// announcement.
+/// announcement. Each slot keeps 32 bits of its address's hash instead:
+/// growing the table then rehashes from the slot, where hashing the address
+/// again cost a fetch of the instance and a pass over the string per slot
+/// moved (the better part of a burst's new instance).
 #[derive(Default)]
 struct Slots {
     table: hashbrown::HashTable<Slot>,
     hasher: Hasher,
 }
 
+/// The table's hash of a slot from the 32 bits it keeps: the multiply
+/// spreads them over the high bits, which the table's probes compare.
+fn spread(key: u32) -> u64 {
+    u64::from(key).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
 impl Slots {
+    /// The 32 bits of `address`'s hash that its slot keeps.
+    fn key(&self, address: &str) -> u32 {
+        self.hasher.hash_one(address) as u32
+    }
+
     fn hash(&self, address: &str) -> u64 {
-        self.hasher.hash_one(address)
+        spread(self.key(address))
     }
 
     fn find_mut(&mut self, hash: u64, address: &str) -> Option<&mut Slot> {
@@ -222,11 +275,10 @@ impl Slots {
         self.find_mut(self.hash(address), address)
     }
 
-    /// Adds the slot of an address not in the table (`hash` is its hash).
-    fn insert_new(&mut self, hash: u64, slot: Slot) {
-        let hasher = &self.hasher;
+    /// Adds the slot of an address not in the table.
+    fn insert_new(&mut self, slot: Slot) {
         self.table
-            .insert_unique(hash, slot, |s| hasher.hash_one(s.instance.address()));
+            .insert_unique(spread(slot.key), slot, |s| spread(s.key));
     }
 
     fn remove(&mut self, address: &str) -> Option<Slot> {
@@ -251,7 +303,9 @@ impl Slots {
 struct Slot {
     instance: Arc<Instance>,
     /// Its position in the name's snapshot.
-    pos: usize,
+    pos: u32,
+    /// Its address's hash, as [`Slots::key`] gives it.
+    key: u32,
     /// When it expires unless heard from again.
     due: Tick,
     /// When its heap entry comes up (never later than `due`).
@@ -285,9 +339,7 @@ struct Due {
 }
 
 impl Due {
-    fn new(name: u32, pos: usize) -> Self {
-        // A name cannot hold 2^32 instances: they would take 2 TiB.
-        let pos = u32::try_from(pos).expect("fewer than 2^32 instances in a name");
+    fn new(name: u32, pos: u32) -> Self {
         Due { name, pos }
     }
 }
@@ -402,17 +454,12 @@ impl Catalog {
 
     /// Applies changes received now under one lock, publishing each touched
     /// name's snapshot once: a burst costs one copy per name, not one per
-    /// message. Returns the events raised, in order.
-    pub(crate) fn apply(
-        &self,
-        changes: impl IntoIterator<Item = Change>,
-        factor: f64,
-    ) -> Vec<Event> {
-        let changes = changes.into_iter();
+    /// message. Empties `changes`, and adds the events raised to `events`,
+    /// in order.
+    pub(crate) fn apply(&self, changes: &mut Vec<Change>, factor: f64, events: &mut Vec<Event>) {
         let mut guard = self.lock();
         let w = &mut *guard;
-        // Most changes raise an event: sized once, not grown along the batch.
-        let mut events = Vec::with_capacity(changes.size_hint().0);
+        events.reserve(changes.len());
         // Read once: a batch is taken in at one time (clock reads are a
         // noticeable part of a message's cost on a VM).
         let batch = Batch {
@@ -422,20 +469,21 @@ impl Catalog {
             // Zero lives for zero whatever the factor.
             lives: Cell::new((Duration::ZERO, Duration::ZERO)),
         };
-        for change in changes {
-            let event = match change {
-                Change::Announce {
-                    service,
-                    status,
-                    interval,
-                    sent_ms,
-                } => self.announce_in(w, service, status, interval, sent_ms, &batch),
-                Change::Remove { name, address } => Self::remove_in(w, &name, &address),
+        for change in changes.iter_mut() {
+            let event = match change.kind {
+                ChangeKind::Announce { interval } => {
+                    self.announce_in(w, &mut change.what, interval, &batch)
+                }
+                ChangeKind::Remove => {
+                    let s = &change.what.service;
+                    Self::remove_in(w, &s.name, &s.address)
+                }
             };
             events.extend(event);
         }
         self.commit(w);
-        events
+        drop(guard);
+        changes.clear();
     }
 
     /// Takes in one announcement received now; returns the event it raises.
@@ -448,48 +496,45 @@ impl Catalog {
         factor: f64,
         sent: Option<SystemTime>,
     ) -> Option<Event> {
-        let change = Change::Announce {
-            service,
-            status,
-            interval,
-            sent_ms: sent.map_or(0, unix_ms),
-        };
-        self.apply([change], factor).pop()
+        let change = Change::announce(service, status, interval, sent.map_or(0, unix_ms));
+        let mut events = Vec::new();
+        self.apply(&mut vec![change], factor, &mut events);
+        events.pop()
     }
 
     /// Drops one instance at once; returns the `Unregistered` event.
     #[cfg(test)]
     pub(crate) fn remove(&self, name: &str, address: &str) -> Option<Event> {
-        let change = Change::Remove {
-            name: name.into(),
-            address: address.into(),
-        };
-        self.apply([change], 1.0).pop()
+        let mut events = Vec::new();
+        self.apply(&mut vec![Change::remove(name, address)], 1.0, &mut events);
+        events.pop()
     }
 
+    /// Takes in an announcement received now. Its service is moved out
+    /// when it makes a new instance.
     fn announce_in(
         &self,
         w: &mut Writer,
-        service: Service,
-        status: Status,
+        announced: &mut Announcement,
         interval: Duration,
-        sent_ms: u64,
         batch: &Batch,
     ) -> Option<Event> {
+        let (status, sent_ms) = (announced.status, announced.sent_ms());
+        let service = &mut announced.service;
         let due = batch.at.after(batch.lives(interval));
         let id = self.id(w, &service.name);
         let state = &mut w.states[id as usize];
-        let fresh = |service| {
+        let fresh = |service: &mut Service| {
             Arc::new(Instance::new(
-                service,
+                std::mem::take(service),
                 status,
                 interval,
                 sent_ms,
                 batch.wall_ms,
             ))
         };
-        let hash = state.slots.hash(&service.address);
-        let (event, push) = match state.slots.find_mut(hash, &service.address) {
+        let key = state.slots.key(&service.address);
+        let (event, push) = match state.slots.find_mut(spread(key), &service.address) {
             Some(slot) => {
                 slot.due = due;
                 // Only an interval that shrank needs an earlier heap entry.
@@ -497,14 +542,14 @@ impl Catalog {
                     slot.scheduled = due;
                     Due::new(id, slot.pos)
                 });
-                if slot.instance.same_as(&service, status) {
+                if slot.instance.same_as(service, status) {
                     slot.instance.touch(sent_ms, batch.wall_ms);
                     (None, push)
                 } else {
                     let previous = slot.instance.status;
                     let instance = fresh(service);
                     slot.instance = instance.clone();
-                    let (pos, replaced) = (slot.pos, instance.clone());
+                    let (pos, replaced) = (slot.pos as usize, instance.clone());
                     state.change(id, &mut w.dirty, move |v| v.set(pos, replaced));
                     let kind = if previous == status {
                         EventKind::Registered
@@ -518,16 +563,16 @@ impl Catalog {
                 let instance = fresh(service);
                 let added = instance.clone();
                 let pos = state.change(id, &mut w.dirty, move |v| v.push(added));
+                // A name cannot hold 2^32 instances: they would take 2 TiB.
+                let pos = u32::try_from(pos).expect("fewer than 2^32 instances in a name");
                 w.live += 1;
-                state.slots.insert_new(
-                    hash,
-                    Slot {
-                        instance: instance.clone(),
-                        pos,
-                        due,
-                        scheduled: due,
-                    },
-                );
+                state.slots.insert_new(Slot {
+                    instance: instance.clone(),
+                    pos,
+                    key,
+                    due,
+                    scheduled: due,
+                });
                 let push = Due::new(id, pos);
                 let event = Event {
                     kind: EventKind::Registered,
@@ -702,7 +747,7 @@ impl NameState {
         let slot = self.slots.remove(address)?;
         let pos = slot.pos;
         let mut moved_check = None;
-        if let Some(moved) = self.change(id, dirty, |v| v.swap_remove(pos)) {
+        if let Some(moved) = self.change(id, dirty, |v| v.swap_remove(pos as usize)) {
             if let Some(s) = self.slots.get_mut(moved.address()) {
                 s.pos = pos;
                 moved_check = Some(s.scheduled);
@@ -803,13 +848,12 @@ mod tests {
     async fn every_name_of_a_batch_is_readable_after_it() {
         let c = Catalog::new();
         let interval = Duration::from_secs(1);
-        let changes = (0..5000).map(|i| Change::Announce {
-            service: svc(&format!("n{i}"), "h:1"),
-            status: Status::Passing,
-            interval,
-            sent_ms: 0,
-        });
-        assert_eq!(c.apply(changes, 1.5).len(), 5000);
+        let mut changes: Vec<_> = (0..5000)
+            .map(|i| Change::announce(svc(&format!("n{i}"), "h:1"), Status::Passing, interval, 0))
+            .collect();
+        let mut events = Vec::new();
+        c.apply(&mut changes, 1.5, &mut events);
+        assert_eq!(events.len(), 5000);
         assert_eq!(c.names().len(), 5000);
         for i in (0..5000).step_by(7) {
             let addresses = c.read(&format!("n{i}"), |v, _| v.len());
@@ -876,13 +920,10 @@ mod tests {
     }
 
     fn announce_many(c: &Catalog, name: &str, addresses: impl Iterator<Item = String>) {
-        let changes = addresses.map(|a| Change::Announce {
-            service: svc(name, &a),
-            status: Status::Passing,
-            interval: Duration::from_secs(1),
-            sent_ms: 0,
-        });
-        c.apply(changes, 1.5);
+        let mut changes: Vec<_> = addresses
+            .map(|a| Change::announce(svc(name, &a), Status::Passing, Duration::from_secs(1), 0))
+            .collect();
+        c.apply(&mut changes, 1.5, &mut Vec::new());
     }
 
     fn snapshot(c: &Catalog, name: &str) -> Snapshot {
@@ -950,7 +991,7 @@ mod tests {
         assert_eq!(published.len(), state.slots.len());
         for slot in state.slots.iter() {
             assert!(
-                Arc::ptr_eq(&published[slot.pos], &slot.instance),
+                Arc::ptr_eq(&published[slot.pos as usize], &slot.instance),
                 "{}",
                 slot.instance.address()
             );
@@ -985,22 +1026,19 @@ mod tests {
                 let address = format!("h:{}", random(200));
                 if random(3) == 0 {
                     model.remove(&address);
-                    changes.push(Change::Remove {
-                        name: "n".into(),
-                        address: address.as_str().into(),
-                    });
+                    changes.push(Change::remove("n", &address));
                 } else {
                     let status = statuses[random(3) as usize];
                     model.insert(address.clone(), status);
-                    changes.push(Change::Announce {
-                        service: svc("n", &address),
+                    changes.push(Change::announce(
+                        svc("n", &address),
                         status,
-                        interval: Duration::from_secs(1),
-                        sent_ms: 0,
-                    });
+                        Duration::from_secs(1),
+                        0,
+                    ));
                 }
             }
-            c.apply(changes, 1.5);
+            c.apply(&mut changes, 1.5, &mut Vec::new());
             let mut expected: Vec<_> = model.iter().map(|(a, s)| (a.clone(), *s)).collect();
             expected.sort();
             assert_eq!(check_positions(&c, "n"), expected, "round {round}");
@@ -1031,22 +1069,19 @@ mod tests {
                 let key = (name.to_string(), address.clone());
                 if random(4) == 0 {
                     model.remove(&key);
-                    changes.push(Change::Remove {
-                        name: name.into(),
-                        address: address.as_str().into(),
-                    });
+                    changes.push(Change::remove(name, &address));
                 } else {
                     let interval = intervals[random(5) as usize];
                     model.insert(key, now + interval.mul_f64(1.5));
-                    changes.push(Change::Announce {
-                        service: svc(name, &address),
-                        status: Status::Passing,
+                    changes.push(Change::announce(
+                        svc(name, &address),
+                        Status::Passing,
                         interval,
-                        sent_ms: 0,
-                    });
+                        0,
+                    ));
                 }
             }
-            c.apply(changes, 1.5);
+            c.apply(&mut changes, 1.5, &mut Vec::new());
             tokio::time::advance(Duration::from_millis(random(400))).await;
             let now = Instant::now();
             let mut expected: Vec<_> = model

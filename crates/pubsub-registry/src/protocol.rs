@@ -290,18 +290,34 @@ pub fn decode(payload: &[u8], subject_name: &str) -> Result<Announcement, Decode
 /// [`decode`] on the subject of a name already validated (the registry
 /// checks every subject's name before it looks at the payload).
 pub(crate) fn decode_on(payload: &[u8], subject_name: &str) -> Result<Announcement, DecodeError> {
+    let mut a = Announcement::default();
+    decode_into(payload, subject_name, &mut a)?;
+    Ok(a)
+}
+
+/// [`decode_on`] into `a`, which must be empty (`Announcement::default()`);
+/// after an error it holds whatever was read. The registry decodes straight
+/// into its batch of changes: an announcement weighs some 200 bytes, and
+/// each move of one from a returned value to the batch was a `memcpy`.
+pub(crate) fn decode_into(
+    payload: &[u8],
+    subject_name: &str,
+    a: &mut Announcement,
+) -> Result<(), DecodeError> {
     if payload.len() > MAX_PAYLOAD {
         return Err(DecodeError::TooLarge(payload.len()));
     }
     // Nearly every payload has the plain shape, read by hand in a fraction
     // of serde's time; anything else, valid or not, goes through serde, so
     // what is accepted and every error stay those of the serde path.
-    let a = match decode_canonical(payload).or_else(|| decode_plain(payload)) {
-        Some(a) => a,
-        None => decode_serde(payload)?,
-    };
-    belongs(&a, subject_name)?;
-    Ok(a)
+    if canonical_into(payload, a).is_none() {
+        // What the canonical reader took before it gave up is not kept.
+        *a = Announcement::default();
+        if plain_into(payload, a).is_none() {
+            *a = decode_serde(payload)?;
+        }
+    }
+    belongs(a, subject_name)
 }
 
 /// The general path: any JSON, with serde's errors.
@@ -367,23 +383,22 @@ fn too_deep(payload: &[u8]) -> bool {
     false
 }
 
-/// Reads the plain shape every implementation sends, without serde: an object
-/// of known keys (in any case, each at most once) whose values are strings
-/// without escapes; `kv` an object of such strings; `t` an object of
-/// `Registered` and `Duration` as non-negative integers; whitespace between
-/// tokens.
+/// Reads into `a` (empty) the plain shape every implementation sends,
+/// without serde: an object of known keys (in any case, each at most once)
+/// whose values are strings without escapes; `kv` an object of such
+/// strings; `t` an object of `Registered` and `Duration` as non-negative
+/// integers; whitespace between tokens.
 ///
 /// `None` for anything else, valid JSON or not (escapes, `null`, numbers
 /// where strings go, unknown or repeated keys, negative numbers, ...): the
 /// caller then decodes with serde, so this only has to agree with serde on
 /// what it accepts. The payload is at most two levels deep, so the nesting
 /// check has nothing to say about it.
-fn decode_plain(payload: &[u8]) -> Option<Announcement> {
+fn plain_into(payload: &[u8], a: &mut Announcement) -> Option<()> {
     // Validated once, so every string read is a slice of it: the slices are
     // cut at quotes, which are ASCII and so always on character boundaries.
     let text = std::str::from_utf8(payload).ok()?;
     let mut p = Plain { text, at: 0 };
-    let mut a = Announcement::default();
     let mut seen = [false; Field::ALL.len()];
     p.object(|p, key| {
         let field = Field::of(key)?;
@@ -410,20 +425,18 @@ fn decode_plain(payload: &[u8]) -> Option<Announcement> {
         }
         Some(())
     })?;
-    p.end()?;
-    Some(a)
+    p.end()
 }
 
-/// Reads the exact layout [`encode`] and the Go package write (their
-/// fields in their order, keys as they spell them, no whitespace), where
-/// the one candidate key at each point is compared as a whole, instead of
-/// being read and then looked up. `None` for anything else, which
-/// [`decode_plain`] then reads: values are read as it reads them, so this
+/// Reads into `a` (empty) the exact layout [`encode`] and the Go package
+/// write (their fields in their order, keys as they spell them, no
+/// whitespace), where the one candidate key at each point is compared as a
+/// whole, instead of being read and then looked up. `None` for anything else, which
+/// [`plain_into`] then reads: values are read as it reads them, so this
 /// only has to agree with serde on the layout.
-fn decode_canonical(payload: &[u8]) -> Option<Announcement> {
+fn canonical_into(payload: &[u8], a: &mut Announcement) -> Option<()> {
     let text = std::str::from_utf8(payload).ok()?;
     let mut p = Plain { text, at: 0 };
-    let mut a = Announcement::default();
     let s = &mut a.service;
     p.lit(b"{")?;
     // Each key is tried once, in order, and only after `{` or a comma.
@@ -452,15 +465,14 @@ fn decode_canonical(payload: &[u8]) -> Option<Announcement> {
     // A comma must have been followed by a key.
     (!open || p.at == 1).then_some(())?;
     p.lit(b"}")?;
-    p.end()?;
-    Some(a)
+    p.end()
 }
 
-/// Most `kv` entries [`decode_plain`] takes: real announcements carry a
+/// Most `kv` entries [`plain_into`] takes: real announcements carry a
 /// handful, and a hostile payload's thousands are left to the serde path.
 const MAX_PLAIN_KV: usize = 32;
 
-/// A cursor over valid UTF-8 JSON for [`decode_plain`]. Every method returns
+/// A cursor over valid UTF-8 JSON for [`plain_into`]. Every method returns
 /// `None` on anything outside the plain shape; none can panic.
 struct Plain<'a> {
     text: &'a str,
@@ -489,7 +501,7 @@ impl<'a> Plain<'a> {
         (rest == literal).then(|| self.at += N)
     }
 
-    /// For [`decode_canonical`]: if a key may come (`open`) and it is `key`,
+    /// For [`canonical_into`]: if a key may come (`open`) and it is `key`,
     /// its string value into `slot`; `open` then says whether a comma
     /// followed. `None` if the value is not a plain string.
     #[inline(always)]
@@ -923,7 +935,7 @@ impl Field {
     }
 
     /// The field `key` names, without regard to ASCII case (by [`Key`] and
-    /// [`decode_plain`] alike).
+    /// [`plain_into`] alike).
     fn of(key: &str) -> Option<Field> {
         // Every message has nine keys or so: comparing each with all eleven
         // was a sixth of the listener's instructions (callgrind). No two
@@ -1013,6 +1025,16 @@ impl<'de> DeserializeSeed<'de> for TimeSeed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn decode_canonical(payload: &[u8]) -> Option<Announcement> {
+        let mut a = Announcement::default();
+        canonical_into(payload, &mut a).map(|()| a)
+    }
+
+    fn decode_plain(payload: &[u8]) -> Option<Announcement> {
+        let mut a = Announcement::default();
+        plain_into(payload, &mut a).map(|()| a)
+    }
 
     #[test]
     fn the_sent_time_in_milliseconds_is_the_sent_time() {
@@ -1887,7 +1909,7 @@ mod tests {
                     && s.kv.iter().all(|(k, v)| plain(k) && plain(v))
                     && t.is_none_or(|(r, d)| r >= 0 && d >= 0)
                 {
-                    prop_assert!(decode_canonical(&payload).is_some());
+                    prop_assert!(super::decode_canonical(&payload).is_some());
                 }
                 for edit in &edits {
                     super::generated::apply(&mut payload, edit);

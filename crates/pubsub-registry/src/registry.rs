@@ -18,14 +18,14 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use crate::catalog::{Catalog, Change, Snapshot};
+use crate::catalog::{Catalog, Change, ChangeKind, Snapshot};
 use crate::due::{self, DueHeap};
 use crate::error::{Error, Result};
-use crate::event::{Event, EventStream};
+use crate::event::{self, Event, EventStream};
 use crate::filter::{Chain, Filter, ObserveFilter};
 use crate::protocol::{self, Kind};
 use crate::release::Release;
@@ -461,7 +461,7 @@ struct Inner {
     transport: Arc<dyn Transport>,
     opts: Options,
     catalog: Arc<Catalog>,
-    events: broadcast::Sender<Event>,
+    events: event::Sender,
     own: Mutex<Own>,
     /// Serialises subscribe and unsubscribe, which await the broker, so
     /// concurrent lookups of one name subscribe once.
@@ -672,7 +672,7 @@ impl Registry {
     }
 
     fn start(transport: Arc<dyn Transport>, opts: Options) -> Registry {
-        let (events, _) = broadcast::channel(opts.event_capacity);
+        let events = event::Sender::new(opts.event_capacity);
         let release = Arc::new(Release::new(opts.release_memory));
         let inner = Arc::new(Inner {
             transport,
@@ -1032,13 +1032,13 @@ impl Registry {
 
     /// Every event, as a stream.
     pub fn events(&self) -> EventStream {
-        EventStream::new(self.inner.events.subscribe(), None)
+        self.inner.events.subscribe(None)
     }
 
     /// The events of one service name, as a stream. Does not observe the
     /// name by itself: call [`observe`](Self::observe) too.
     pub fn events_for(&self, name: &str) -> EventStream {
-        EventStream::new(self.inner.events.subscribe(), Some(name.to_string()))
+        self.inner.events.subscribe(Some(name.to_string()))
     }
 
     /// Counters of what arrived from the network.
@@ -1272,7 +1272,7 @@ impl Inner {
     fn listen(self: &Arc<Self>, mut messages: Messages, listener: Listener) -> AbortHandle {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut changes = Vec::new();
+            let (mut changes, mut events) = (Vec::new(), Vec::new());
             let mut last = LastSubject::default();
             while let Some(first) = messages.next().await {
                 let Some(inner) = weak.upgrade() else { return };
@@ -1293,12 +1293,9 @@ impl Inner {
                     inner.release.queued(taken);
                 }
                 if !changes.is_empty() {
-                    for event in inner
-                        .catalog
-                        .apply(changes.drain(..), inner.opts.due_factor)
-                    {
-                        inner.emit(event);
-                    }
+                    let factor = inner.opts.due_factor;
+                    inner.catalog.apply(&mut changes, factor, &mut events);
+                    inner.emit(&mut events);
                 }
             }
         })
@@ -1354,27 +1351,27 @@ impl Inner {
     }
 
     fn on_announcement(&self, name: &str, payload: &[u8], changes: &mut Vec<Change>) {
-        let a = match protocol::decode_on(payload, name) {
-            Ok(a) => a,
-            Err(e) => return self.reject(name, &e),
-        };
-        if self.accepts(&a.service) {
-            changes.push(Change::Announce {
-                interval: a.interval().unwrap_or(self.opts.register_interval),
-                sent_ms: a.sent_ms(),
-                service: a.service,
-                status: a.status,
-            });
+        let change = Change::push(changes);
+        if let Err(e) = protocol::decode_into(payload, name, &mut change.what) {
+            changes.pop();
+            return self.reject(name, &e);
         }
+        if !self.accepts(&change.what.service) {
+            changes.pop();
+            return;
+        }
+        let interval = change.what.interval();
+        change.kind = ChangeKind::Announce {
+            interval: interval.unwrap_or(self.opts.register_interval),
+        };
     }
 
     fn on_unregister(&self, name: &str, payload: &[u8], changes: &mut Vec<Change>) {
-        match protocol::decode_on(payload, name) {
-            Ok(a) => changes.push(Change::Remove {
-                name: a.service.name,
-                address: a.service.address,
-            }),
-            Err(e) => self.reject(name, &e),
+        // A change is a removal until made an announcement.
+        let change = Change::push(changes);
+        if let Err(e) = protocol::decode_into(payload, name, &mut change.what) {
+            changes.pop();
+            self.reject(name, &e);
         }
     }
 
@@ -1485,14 +1482,17 @@ impl Inner {
         }
     }
 
-    fn emit(&self, event: Event) {
+    /// Hands `events` to the callback and the streams, leaving it empty.
+    fn emit(&self, events: &mut Vec<Event>) {
         if let Some(f) = &self.opts.on_event {
-            // A panicking callback must not take the subscription down.
-            if std::panic::catch_unwind(AssertUnwindSafe(|| f(&event))).is_err() {
-                tracing::error!("the on_event callback panicked");
+            for event in events.iter() {
+                // A panicking callback must not take the subscription down.
+                if std::panic::catch_unwind(AssertUnwindSafe(|| f(event))).is_err() {
+                    tracing::error!("the on_event callback panicked");
+                }
             }
         }
-        let _ = self.events.send(event);
+        self.events.send_all(events);
     }
 
     /// Keeps a registration: its details, status and heartbeat schedule.
@@ -1704,12 +1704,10 @@ async fn heartbeats(timer: Arc<Notify>, inner: Weak<Inner>) {
 
 async fn expire(catalog: Arc<Catalog>, inner: Weak<Inner>) {
     loop {
-        let (events, next) = catalog.expire(Instant::now());
+        let (mut events, next) = catalog.expire(Instant::now());
         if !events.is_empty() {
             let Some(inner) = inner.upgrade() else { return };
-            for event in events {
-                inner.emit(event);
-            }
+            inner.emit(&mut events);
         }
         due::wait(Some(next), &catalog.timer).await;
     }
