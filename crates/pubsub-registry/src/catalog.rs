@@ -237,10 +237,10 @@ impl Change {
 
 /// A name's slots by address. The address is the instance's own, not kept
 /// again as a key: 24 bytes less an instance, and one hash of it per
-/// announcement. Each slot keeps 32 bits of its address's hash instead:
-/// growing the table then rehashes from the slot, where hashing the address
-/// again cost a fetch of the instance and a pass over the string per slot
-/// moved (the better part of a burst's new instance).
+/// announcement. Each slot keeps 32 bits of its address's hash instead, so
+/// that growing the table rehashes from the slot rather than fetching each
+/// instance and hashing its address again (a burst of a new name's
+/// instances grows it ten times).
 #[derive(Default)]
 struct Slots {
     table: hashbrown::HashTable<Slot>,

@@ -311,7 +311,8 @@ pub(crate) fn decode_into(
     // of serde's time; anything else, valid or not, goes through serde, so
     // what is accepted and every error stay those of the serde path.
     if canonical_into(payload, a).is_none() {
-        // What the canonical reader took before it gave up is not kept.
+        // Each reader starts from an empty announcement, so that what one
+        // reads owes nothing to what the other took before it gave up.
         *a = Announcement::default();
         if plain_into(payload, a).is_none() {
             *a = decode_serde(payload)?;
