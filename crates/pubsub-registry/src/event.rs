@@ -62,7 +62,8 @@ pub struct Lagged(pub u64);
 /// it is told what it missed with [`Lagged`].
 pub struct EventStream {
     shared: Arc<Shared>,
-    id: u64,
+    /// Its place among the ring's readers.
+    slot: usize,
     /// Taken from the ring, not yet yielded.
     taken: VecDeque<Event>,
     name: Option<String>,
@@ -91,14 +92,15 @@ struct Ring {
     events: VecDeque<Event>,
     /// Events sent so far, whether kept or not.
     sent: u64,
-    /// The streams: few, so a vector searched by id.
-    readers: Vec<Reader>,
-    last_id: u64,
+    /// The streams, each at the place it was given (`None` where one
+    /// ended, until another takes the place).
+    readers: Vec<Option<Reader>>,
+    free: Vec<usize>,
+    streams: usize,
     closed: bool,
 }
 
 struct Reader {
-    id: u64,
     /// Number of the next event this stream has not taken.
     next: u64,
     /// Set while the stream waits for an event.
@@ -123,6 +125,7 @@ impl Ring {
         let min = self
             .readers
             .iter()
+            .flatten()
             .map(|r| r.next)
             .min()
             .unwrap_or(self.sent);
@@ -130,20 +133,15 @@ impl Ring {
         self.events.drain(..done.min(self.events.len()));
     }
 
-    fn reader(&mut self, id: u64) -> Option<&mut Reader> {
-        self.readers.iter_mut().find(|r| r.id == id)
-    }
-
     /// Moves (or, while other streams still need them, copies) into
-    /// `into` the events stream `id` has not taken.
-    fn take(&mut self, id: u64, into: &mut VecDeque<Event>, waker: &Waker) -> Took {
-        let (oldest, sent, alone, closed) = (
-            self.oldest(),
-            self.sent,
-            self.readers.len() == 1,
-            self.closed,
-        );
-        let Some(r) = self.reader(id) else {
+    /// `into` the events the stream at `slot` has not taken. Copies are
+    /// dropped from the ring by the next send, which looks at every stream
+    /// once: a taker doing it would make each batch cost the square of the
+    /// number of streams.
+    fn take(&mut self, slot: usize, into: &mut VecDeque<Event>, waker: &Waker) -> Took {
+        let (oldest, sent, alone, closed) =
+            (self.oldest(), self.sent, self.streams == 1, self.closed);
+        let Some(r) = self.readers.get_mut(slot).and_then(Option::as_mut) else {
             return Took::Closed;
         };
         if r.next < oldest {
@@ -174,7 +172,6 @@ impl Ring {
             }
         } else {
             into.extend(self.events.range(from..).cloned());
-            self.trim();
         }
         Took::Some
     }
@@ -190,7 +187,8 @@ impl Sender {
                     events: VecDeque::new(),
                     sent: 0,
                     readers: Vec::new(),
-                    last_id: 0,
+                    free: Vec::new(),
+                    streams: 0,
                     closed: false,
                 }),
             }),
@@ -200,17 +198,22 @@ impl Sender {
     /// A stream of the events sent from now on (of `name` only, if given).
     pub(crate) fn subscribe(&self, name: Option<String>) -> EventStream {
         let mut ring = self.shared.lock();
-        ring.last_id += 1;
-        let id = ring.last_id;
-        let next = ring.sent;
-        ring.readers.push(Reader {
-            id,
-            next,
+        let reader = Reader {
+            next: ring.sent,
             waker: None,
-        });
+        };
+        let slot = match ring.free.pop() {
+            Some(slot) => slot,
+            None => {
+                ring.readers.push(None);
+                ring.readers.len() - 1
+            }
+        };
+        ring.readers[slot] = Some(reader);
+        ring.streams += 1;
         EventStream {
             shared: self.shared.clone(),
-            id,
+            slot,
             taken: VecDeque::new(),
             name,
         }
@@ -220,12 +223,14 @@ impl Sender {
     pub(crate) fn send_all(&self, events: &mut Vec<Event>) {
         let mut guard = self.shared.lock();
         let ring = &mut *guard;
-        ring.sent += events.len() as u64;
-        if ring.readers.is_empty() {
+        if ring.streams == 0 {
+            ring.sent += events.len() as u64;
             drop(guard);
             events.clear();
             return;
         }
+        ring.trim();
+        ring.sent += events.len() as u64;
         // Only the newest `capacity` are kept: the streams that had not
         // taken the others are told they lagged.
         let keep = events.len().min(ring.capacity);
@@ -272,7 +277,12 @@ impl Ring {
     fn waiting(&mut self) -> Waiting {
         let mut waiting = Waiting::default();
         let mut free = waiting.first.iter_mut();
-        for w in self.readers.iter_mut().filter_map(|r| r.waker.take()) {
+        for w in self
+            .readers
+            .iter_mut()
+            .flatten()
+            .filter_map(|r| r.waker.take())
+        {
             match free.next() {
                 Some(slot) => *slot = Some(w),
                 None => waiting.more.push(w),
@@ -292,7 +302,9 @@ impl Shared {
 impl Drop for EventStream {
     fn drop(&mut self) {
         let mut ring = self.shared.lock();
-        ring.readers.retain(|r| r.id != self.id);
+        ring.readers[self.slot] = None;
+        ring.free.push(self.slot);
+        ring.streams -= 1;
         ring.trim();
     }
 }
@@ -322,7 +334,7 @@ impl Stream for EventStream {
             let took = this
                 .shared
                 .lock()
-                .take(this.id, &mut this.taken, cx.waker());
+                .take(this.slot, &mut this.taken, cx.waker());
             match took {
                 Took::Some => {}
                 Took::Lagged(n) => {
@@ -415,7 +427,12 @@ mod tests {
         let mut events = tx.subscribe(None);
         let reader = tokio::spawn(async move { address(events.next().await) });
         // Until the reader waits, a send could be taken without a wake-up.
-        while tx.shared.lock().readers[0].waker.is_none() {
+        while tx.shared.lock().readers[0]
+            .as_ref()
+            .unwrap()
+            .waker
+            .is_none()
+        {
             tokio::task::yield_now().await;
         }
         send(&tx, &["a:1"]);
@@ -433,7 +450,14 @@ mod tests {
                 tokio::spawn(async move { address(events.next().await) })
             })
             .collect();
-        while tx.shared.lock().readers.iter().any(|r| r.waker.is_none()) {
+        while tx
+            .shared
+            .lock()
+            .readers
+            .iter()
+            .flatten()
+            .any(|r| r.waker.is_none())
+        {
             tokio::task::yield_now().await;
         }
         send(&tx, &["a:1"]);
@@ -448,21 +472,40 @@ mod tests {
         let tx = Sender::new(8);
         let (mut one, mut two) = (tx.subscribe(None), tx.subscribe(None));
         send(&tx, &["a:1", "b:1"]);
+        // Each stream takes both at its first read.
         assert_eq!(address(one.next().await), "a:1");
-        assert_eq!(kept(&tx), 2, "the second stream has taken nothing yet");
         assert_eq!(address(two.next().await), "a:1");
-        assert_eq!(kept(&tx), 0, "both took both");
-        assert_eq!(address(one.next().await), "b:1");
-        assert_eq!(address(two.next().await), "b:1");
+        assert_eq!(kept(&tx), 2, "copies, dropped by the next send");
         send(&tx, &["c:1"]);
-        assert_eq!(kept(&tx), 1);
-        drop(two);
-        assert_eq!(kept(&tx), 1, "the first stream still has to take it");
+        assert_eq!(kept(&tx), 1, "both took a:1 and b:1");
+        assert_eq!(address(one.next().await), "b:1");
         assert_eq!(address(one.next().await), "c:1");
-        assert_eq!(kept(&tx), 0);
-        drop(one);
         send(&tx, &["d:1"]);
+        assert_eq!(kept(&tx), 2, "the second stream has not taken c:1");
+        drop(two);
+        assert_eq!(kept(&tx), 1, "a stream that ends needs nothing kept");
+        assert_eq!(address(one.next().await), "d:1");
+        assert_eq!(kept(&tx), 0, "a stream alone moves what it takes");
+        drop(one);
+        send(&tx, &["e:1"]);
         assert_eq!(kept(&tx), 0, "no stream, nothing kept");
+    }
+
+    #[tokio::test]
+    async fn a_new_stream_takes_the_place_of_one_that_ended() {
+        let tx = Sender::new(8);
+        let one = tx.subscribe(None);
+        let mut two = tx.subscribe(None);
+        drop(one);
+        let mut three = tx.subscribe(None);
+        assert_eq!(tx.shared.lock().readers.len(), 2, "the place was reused");
+        send(&tx, &["a:1"]);
+        assert_eq!(address(two.next().await), "a:1");
+        assert_eq!(address(three.next().await), "a:1");
+        drop(two);
+        send(&tx, &["b:1"]);
+        assert_eq!(address(three.next().await), "b:1");
+        assert_eq!(kept(&tx), 0);
     }
 
     #[tokio::test]
