@@ -497,16 +497,19 @@ impl Catalog {
         sent: Option<SystemTime>,
     ) -> Option<Event> {
         let change = Change::announce(service, status, interval, sent.map_or(0, unix_ms));
-        let mut events = Vec::new();
-        self.apply(&mut vec![change], factor, &mut events);
-        events.pop()
+        self.apply_one(change, factor)
     }
 
     /// Drops one instance at once; returns the `Unregistered` event.
     #[cfg(test)]
     pub(crate) fn remove(&self, name: &str, address: &str) -> Option<Event> {
+        self.apply_one(Change::remove(name, address), 1.0)
+    }
+
+    #[cfg(test)]
+    fn apply_one(&self, change: Change, factor: f64) -> Option<Event> {
         let mut events = Vec::new();
-        self.apply(&mut vec![Change::remove(name, address)], 1.0, &mut events);
+        self.apply(&mut vec![change], factor, &mut events);
         events.pop()
     }
 

@@ -95,8 +95,8 @@ struct Ring {
     /// The streams, each at the place it was given (`None` where one
     /// ended, until another takes the place).
     readers: Vec<Option<Reader>>,
+    /// The places of streams that ended.
     free: Vec<usize>,
-    streams: usize,
     closed: bool,
 }
 
@@ -120,6 +120,10 @@ impl Ring {
         self.sent - self.events.len() as u64
     }
 
+    fn streams(&self) -> usize {
+        self.readers.len() - self.free.len()
+    }
+
     /// Drops the events every stream has taken.
     fn trim(&mut self) {
         let min = self
@@ -133,6 +137,24 @@ impl Ring {
         self.events.drain(..done.min(self.events.len()));
     }
 
+    /// Takes the wakers of the streams waiting for an event.
+    fn waiting(&mut self) -> Waiting {
+        let mut waiting = Waiting::default();
+        let mut free = waiting.first.iter_mut();
+        for w in self
+            .readers
+            .iter_mut()
+            .flatten()
+            .filter_map(|r| r.waker.take())
+        {
+            match free.next() {
+                Some(slot) => *slot = Some(w),
+                None => waiting.more.push(w),
+            }
+        }
+        waiting
+    }
+
     /// Moves (or, while other streams still need them, copies) into
     /// `into` the events the stream at `slot` has not taken. Copies are
     /// dropped from the ring by the next send, which looks at every stream
@@ -140,7 +162,7 @@ impl Ring {
     /// number of streams.
     fn take(&mut self, slot: usize, into: &mut VecDeque<Event>, waker: &Waker) -> Took {
         let (oldest, sent, alone, closed) =
-            (self.oldest(), self.sent, self.streams == 1, self.closed);
+            (self.oldest(), self.sent, self.streams() == 1, self.closed);
         let Some(r) = self.readers.get_mut(slot).and_then(Option::as_mut) else {
             return Took::Closed;
         };
@@ -188,7 +210,6 @@ impl Sender {
                     sent: 0,
                     readers: Vec::new(),
                     free: Vec::new(),
-                    streams: 0,
                     closed: false,
                 }),
             }),
@@ -210,7 +231,6 @@ impl Sender {
             }
         };
         ring.readers[slot] = Some(reader);
-        ring.streams += 1;
         EventStream {
             shared: self.shared.clone(),
             slot,
@@ -223,7 +243,7 @@ impl Sender {
     pub(crate) fn send_all(&self, events: &mut Vec<Event>) {
         let mut guard = self.shared.lock();
         let ring = &mut *guard;
-        if ring.streams == 0 {
+        if ring.streams() == 0 {
             ring.sent += events.len() as u64;
             drop(guard);
             events.clear();
@@ -273,25 +293,6 @@ impl Waiting {
     }
 }
 
-impl Ring {
-    fn waiting(&mut self) -> Waiting {
-        let mut waiting = Waiting::default();
-        let mut free = waiting.first.iter_mut();
-        for w in self
-            .readers
-            .iter_mut()
-            .flatten()
-            .filter_map(|r| r.waker.take())
-        {
-            match free.next() {
-                Some(slot) => *slot = Some(w),
-                None => waiting.more.push(w),
-            }
-        }
-        waiting
-    }
-}
-
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Ring> {
         // Nothing in the ring's critical sections can leave it half changed.
@@ -304,7 +305,6 @@ impl Drop for EventStream {
         let mut ring = self.shared.lock();
         ring.readers[self.slot] = None;
         ring.free.push(self.slot);
-        ring.streams -= 1;
         ring.trim();
     }
 }

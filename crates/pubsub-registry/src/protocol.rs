@@ -281,24 +281,19 @@ pub enum DecodeError {
 /// assert_eq!(a.duration_ms, Some(2000));
 /// ```
 pub fn decode(payload: &[u8], subject_name: &str) -> Result<Announcement, DecodeError> {
-    let a = decode_on(payload, subject_name)?;
+    let mut a = Announcement::default();
+    decode_into(payload, subject_name, &mut a)?;
     // The payload's name is the subject's: checking one checks both.
     validate_name(subject_name)?;
     Ok(a)
 }
 
-/// [`decode`] on the subject of a name already validated (the registry
-/// checks every subject's name before it looks at the payload).
-pub(crate) fn decode_on(payload: &[u8], subject_name: &str) -> Result<Announcement, DecodeError> {
-    let mut a = Announcement::default();
-    decode_into(payload, subject_name, &mut a)?;
-    Ok(a)
-}
-
-/// [`decode_on`] into `a`, which must be empty (`Announcement::default()`);
-/// after an error it holds whatever was read. The registry decodes straight
-/// into its batch of changes: an announcement weighs some 200 bytes, and
-/// each move of one from a returned value to the batch was a `memcpy`.
+/// [`decode`] into `a`, which must be empty (`Announcement::default()`), on
+/// the subject of a name already validated (the registry checks every
+/// subject's name before it looks at the payload); after an error `a`
+/// holds whatever was read. The registry decodes straight into its batch
+/// of changes: an announcement weighs some 200 bytes, and each move of one
+/// from a returned value to the batch was a `memcpy`.
 pub(crate) fn decode_into(
     payload: &[u8],
     subject_name: &str,
@@ -432,9 +427,9 @@ fn plain_into(payload: &[u8], a: &mut Announcement) -> Option<()> {
 /// Reads into `a` (empty) the exact layout [`encode`] and the Go package
 /// write (their fields in their order, keys as they spell them, no
 /// whitespace), where the one candidate key at each point is compared as a
-/// whole, instead of being read and then looked up. `None` for anything else, which
-/// [`plain_into`] then reads: values are read as it reads them, so this
-/// only has to agree with serde on the layout.
+/// whole, instead of being read and then looked up. `None` for anything
+/// else, which [`plain_into`] then reads: values are read as it reads them,
+/// so this only has to agree with serde on the layout.
 fn canonical_into(payload: &[u8], a: &mut Announcement) -> Option<()> {
     let text = std::str::from_utf8(payload).ok()?;
     let mut p = Plain { text, at: 0 };

@@ -1351,11 +1351,9 @@ impl Inner {
     }
 
     fn on_announcement(&self, name: &str, payload: &[u8], changes: &mut Vec<Change>) {
-        let change = Change::push(changes);
-        if let Err(e) = protocol::decode_into(payload, name, &mut change.what) {
-            changes.pop();
-            return self.reject(name, &e);
-        }
+        let Some(change) = self.decode_change(name, payload, changes) else {
+            return;
+        };
         if !self.accepts(&change.what.service) {
             changes.pop();
             return;
@@ -1368,10 +1366,25 @@ impl Inner {
 
     fn on_unregister(&self, name: &str, payload: &[u8], changes: &mut Vec<Change>) {
         // A change is a removal until made an announcement.
+        self.decode_change(name, payload, changes);
+    }
+
+    /// Decodes a payload into a new change at the end of `changes`; a
+    /// payload that does not decode is rejected and leaves no change.
+    fn decode_change<'c>(
+        &self,
+        name: &str,
+        payload: &[u8],
+        changes: &'c mut Vec<Change>,
+    ) -> Option<&'c mut Change> {
         let change = Change::push(changes);
-        if let Err(e) = protocol::decode_into(payload, name, &mut change.what) {
-            changes.pop();
-            self.reject(name, &e);
+        match protocol::decode_into(payload, name, &mut change.what) {
+            Ok(()) => changes.last_mut(),
+            Err(e) => {
+                changes.pop();
+                self.reject(name, &e);
+                None
+            }
         }
     }
 
