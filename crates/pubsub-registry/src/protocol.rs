@@ -542,18 +542,47 @@ impl<'a> Plain<'a> {
     /// leading zero). A fraction or exponent after it is left unread, so the
     /// object around fails on it.
     fn int(&mut self) -> Option<i64> {
-        let first = self.peek()?;
+        self.peek()?;
+        self.digits()
+    }
+
+    /// [`int`](Self::int) with no whitespace before it, as in the canonical
+    /// layout.
+    #[inline(always)]
+    fn digits(&mut self) -> Option<i64> {
         let start = self.at;
+        let bytes = self.text.as_bytes();
+        let first = *bytes.get(start)?;
+        // Eight digits at a time: a timestamp's thirteen take two words.
+        // Sixteen digits cannot overflow; a longer number goes a byte at a
+        // time.
+        let (len, n) = match word_digits(word_at(bytes, start)) {
+            (8, high) => match word_digits(word_at(bytes, start + 8)) {
+                (8, _) => return self.long_int(first),
+                (k, low) => (8 + k, high * POW10[k] + low),
+            },
+            short => short,
+        };
+        self.at = start + len;
+        // At most sixteen digits: below `i64::MAX`.
+        let n = n as i64;
+        match len {
+            0 => None,
+            1 => Some(n),
+            _ => (first != b'0').then_some(n),
+        }
+    }
+
+    /// [`int`](Self::int) a byte at a time, for numbers of more than
+    /// sixteen digits.
+    fn long_int(&mut self, first: u8) -> Option<i64> {
         let mut n: i64 = 0;
         while let Some(&b @ b'0'..=b'9') = self.text.as_bytes().get(self.at) {
             n = n.checked_mul(10)?.checked_add(i64::from(b - b'0'))?;
             self.at += 1;
         }
-        match self.at - start {
-            0 => None,
-            1 => Some(n),
-            _ => (first != b'0').then_some(n),
-        }
+        // More than sixteen digits: a leading zero is one too many.
+        (first != b'0').then_some(n)
     }
 
     /// `{`, then `"key": value` pairs separated by commas, each value read
@@ -600,9 +629,9 @@ impl<'a> Plain<'a> {
         let start = self.at;
         let canonical = (|| {
             self.lit(b"{\"Registered\":")?;
-            let registered = self.int()?;
+            let registered = self.digits()?;
             self.lit(b",\"Duration\":")?;
-            let duration = self.int()?;
+            let duration = self.digits()?;
             self.lit(b"}")?;
             Some((Some(registered), Some(duration)))
         })();
@@ -765,6 +794,64 @@ fn json_string(out: &mut Vec<u8>, s: &str) {
         rest = after;
     }
     out.push(b'"');
+}
+
+/// Powers of ten up to eight, for joining two words of digits.
+const POW10: [u64; 9] = [
+    1,
+    10,
+    100,
+    1_000,
+    10_000,
+    100_000,
+    1_000_000,
+    10_000_000,
+    100_000_000,
+];
+
+/// The eight bytes from `at` as a little-endian word (the first byte
+/// lowest), zeros past the end: a zero is not a digit.
+fn word_at(bytes: &[u8], at: usize) -> u64 {
+    let mut word = [0; 8];
+    match bytes.get(at..at + 8) {
+        Some(eight) => word.copy_from_slice(eight),
+        // The number ends within the last eight bytes: the last word,
+        // shifted down to start at `at`.
+        None if bytes.len() >= 8 && at < bytes.len() => {
+            word.copy_from_slice(&bytes[bytes.len() - 8..]);
+            return u64::from_le_bytes(word) >> (8 * (at + 8 - bytes.len()));
+        }
+        None => {
+            let rest = bytes.get(at..).unwrap_or_default();
+            word[..rest.len()].copy_from_slice(rest);
+        }
+    }
+    u64::from_le_bytes(word)
+}
+
+/// How many of a word's first bytes are ASCII digits (0 to 8), and the
+/// number they write.
+fn word_digits(x: u64) -> (usize, u64) {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    // A byte is a digit when its high half is 3 and its low half at most 9
+    // (adding 6 to a low half of 10 or more carries into bit 4). Neither
+    // test carries out of its byte.
+    let not_digit =
+        ((x & (ONES * 0xf0)) ^ (ONES * 0x30)) | (((x & (ONES * 0x0f)) + ONES * 6) & (ONES * 0x10));
+    // The high bit of each byte that is not a digit.
+    let marks = (((not_digit & (ONES * 0x7f)) + ONES * 0x7f) | not_digit) & (ONES * 0x80);
+    let len = marks.trailing_zeros() as usize / 8;
+    if len == 0 {
+        return (0, 0);
+    }
+    // The digits' values moved to the top of the word, zeros (leading
+    // zeros) below; then joined in pairs, fours and eights. No step
+    // carries from one lane into the next.
+    let d = (x & (ONES * 0x0f)) << (8 * (8 - len));
+    let d = (d * 10 + (d >> 8)) & 0x00ff_00ff_00ff_00ff;
+    let d = (d * 100 + (d >> 16)) & 0x0000_ffff_0000_ffff;
+    let d = (d.wrapping_mul(10_000) + (d >> 32)) & 0xffff_ffff;
+    (len, d)
 }
 
 /// How many bytes at the start of `bytes` a JSON string holds as they are:
@@ -1751,6 +1838,9 @@ mod tests {
         proptest! {
             #[test]
             fn integers_are_read_as_str_parse_reads_them(
+                // Anything before, so that the digits start anywhere in a
+                // word and end anywhere near the end of the text.
+                before in "[^0-9]{0,9}",
                 digits in "[0-9]{0,24}",
                 // The bytes either side of the digits, `/` and `:`; anything.
                 after in prop_oneof![
@@ -1759,15 +1849,15 @@ mod tests {
                     "[^0-9]{1,8}",
                 ],
             ) {
-                let text = format!("{digits}{after}");
-                let mut p = Plain { text: &text, at: 0 };
+                let text = format!("{before}{digits}{after}");
+                let mut p = Plain { text: &text, at: before.len() };
                 let expected = (!digits.is_empty() && (digits.len() == 1 || !digits.starts_with('0')))
                     .then(|| digits.parse::<i64>().ok())
                     .flatten();
                 let got = p.int();
                 prop_assert_eq!(got, expected);
                 if got.is_some() {
-                    prop_assert_eq!(p.at, digits.len());
+                    prop_assert_eq!(p.at, before.len() + digits.len());
                 }
             }
 

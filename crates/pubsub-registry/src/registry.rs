@@ -490,6 +490,13 @@ enum Listener {
 /// its name starts. A burst, and every heartbeat of a name, repeats one
 /// subject: comparing it with this one costs less than taking it apart and
 /// checking its name again.
+/// A ping a listener was asked to answer.
+enum Ping<'m> {
+    /// Every name registered here.
+    All,
+    Name(&'m str),
+}
+
 #[derive(Default)]
 struct LastSubject {
     text: String,
@@ -1281,7 +1288,11 @@ impl Inner {
                 let mut next = Some(first);
                 let mut taken = 0;
                 while let Some(msg) = next {
-                    inner.handle(msg, listener, &mut last, &mut changes).await;
+                    match inner.handle(&msg, listener, &mut last, &mut changes) {
+                        None => {}
+                        Some(Ping::All) => inner.on_ping_all().await,
+                        Some(Ping::Name(name)) => inner.on_ping(name).await,
+                    }
                     taken += 1;
                     next = if taken < MAX_BATCH {
                         messages.next().now_or_never().flatten()
@@ -1302,14 +1313,16 @@ impl Inner {
         .abort_handle()
     }
 
-    /// Checks a message; what it asks of the cache goes to `changes`.
-    async fn handle(
-        self: &Arc<Self>,
-        msg: Message,
+    /// Checks a message; what it asks of the cache goes to `changes`, and a
+    /// ping to answer is returned. (Not async: a message moved into an
+    /// `async fn`'s state is a copy, on every message of a burst.)
+    fn handle<'m>(
+        &self,
+        msg: &'m Message,
         listener: Listener,
         last: &mut LastSubject,
         changes: &mut Vec<Change>,
-    ) {
+    ) -> Option<Ping<'m>> {
         self.counters.received.fetch_add(1, Ordering::Relaxed);
         let (kind, name) = match last.get(&msg.subject) {
             Some(known) => known,
@@ -1318,16 +1331,15 @@ impl Inner {
                 if protocol::is_ping_all(main, &msg.subject) {
                     // An observer's `<main>.>` sees it too: not a malformed
                     // message.
-                    if let Listener::PingAll = listener {
-                        self.on_ping_all().await;
-                    }
-                    return;
+                    return matches!(listener, Listener::PingAll).then_some(Ping::All);
                 }
                 let Some((kind, name)) = protocol::parse_subject(main, &msg.subject) else {
-                    return self.reject(&msg.subject, &"subject outside the main topic");
+                    self.reject(&msg.subject, &"subject outside the main topic");
+                    return None;
                 };
                 if let Err(e) = protocol::validate_name(name) {
-                    return self.reject(&msg.subject, &e);
+                    self.reject(&msg.subject, &e);
+                    return None;
                 }
                 last.set(&msg.subject, kind, name);
                 (kind, name)
@@ -1344,10 +1356,11 @@ impl Inner {
             (Kind::Ping, Listener::Pinged) if !msg.payload.is_empty() => {
                 self.reject(&msg.subject, &"a ping with a payload")
             }
-            (Kind::Ping, Listener::Pinged) => self.on_ping(name).await,
+            (Kind::Ping, Listener::Pinged) => return Some(Ping::Name(name)),
             // An observer's pattern also sees pings; they are not its business.
             _ => {}
         }
+        None
     }
 
     fn on_announcement(&self, name: &str, payload: &[u8], changes: &mut Vec<Change>) {
