@@ -2,8 +2,10 @@
 //!
 //!     cargo run --release -p pubsub-registry --example load -- [SCENARIO] [--count N] [--url URL]
 //!
-//! Scenarios (all by default): `propagation` (ending with `observer-burst`,
-//! also available alone), `cold` (and `cold-task`, the same from a worker
+//! Scenarios (all by default): `propagation` (its bursts in one process
+//! also available alone as `burst`, their observer side as
+//! `observer-burst`, and the whole again with sender and reader in two
+//! processes as `apart`), `cold` (and `cold-task`, the same from a worker
 //! task), `ingest`, `memory`,
 //! `idle`, `heartbeat`; `redis` (with `--features redis`) measures
 //! propagation over Redis. Without `--url` a private `nats-server` is started
@@ -103,6 +105,7 @@ async fn main() -> Result<(), Error> {
             }
             "burst" => burst(&url, args.count.unwrap_or(2000)).await?,
             "observer-burst" => observer_burst(&url, args.count.unwrap_or(2000)).await?,
+            "apart" => apart(&url, args.count.unwrap_or(2000)).await?,
             "ingest" => {
                 for n in [1_000, 10_000, args.count.unwrap_or(100_000)] {
                     ingest(&url, n, args.names).await?;
@@ -184,7 +187,8 @@ async fn propagation(url: &str, n: usize) -> Result<(), Error> {
         let (mut ours, mut raw) = paced(|| Registry::builder().nats_url(url), n, raw_once).await?;
         report("propagation paced", &mut ours, &mut raw);
     }
-    burst(url, n).await
+    burst(url, n).await?;
+    apart(url, n).await
 }
 
 /// The raw baselines' payload: what an announcement weighs.
@@ -197,7 +201,8 @@ fn raw_payload() -> Bytes {
     ))
 }
 
-/// The burst half of [`propagation`], on its own for profiling.
+/// The burst half of [`propagation`] in one process, on its own for
+/// profiling.
 async fn burst(url: &str, n: usize) -> Result<(), Error> {
     let payload = raw_payload();
     // Burst: the latency of each message is its arrival, timestamped by a
@@ -231,25 +236,60 @@ async fn raw_burst(
 ) -> Result<Vec<Duration>, Error> {
     let sub = subscriber.subscribe(subject.clone()).await?;
     settled(subscriber).await;
-    let reader = arrivals(sub, payloads.len());
-    let sent = send_all(publisher, &subject, payloads).await?;
+    let reader = arrivals::<_, Instant>(sub, payloads.len());
+    let sent = send_all::<Instant>(publisher, &subject, payloads).await?;
     let arrived = reader.await??;
     Ok(arrived.iter().zip(&sent).map(|(a, s)| *a - *s).collect())
 }
 
 /// Publishes `payloads` on `subject` in one go; returns each one's send time.
-async fn send_all(
+async fn send_all<T: Stamp>(
     publisher: &async_nats::Client,
     subject: &str,
     payloads: &[Bytes],
-) -> Result<Vec<Instant>, Error> {
+) -> Result<Vec<T>, Error> {
     let mut sent = Vec::with_capacity(payloads.len());
     for p in payloads {
-        sent.push(Instant::now());
+        sent.push(T::now());
         publisher.publish(subject.to_string(), p.clone()).await?;
     }
     publisher.flush().await?;
     Ok(sent)
+}
+
+/// A timestamp: [`Instant`] within a process, [`Wall`] across processes.
+trait Stamp: Copy + Send + 'static {
+    fn now() -> Self;
+    /// The time from `sent` to `self`.
+    fn since(self, sent: Self) -> Duration;
+}
+
+impl Stamp for Instant {
+    fn now() -> Self {
+        Instant::now()
+    }
+    fn since(self, sent: Self) -> Duration {
+        self - sent
+    }
+}
+
+/// Nanoseconds of the wall clock: the one clock two processes read alike
+/// (`Instant` cannot cross a process boundary). A burst lasts milliseconds,
+/// over which a slewing clock drifts by at most a microsecond or two.
+#[derive(Clone, Copy)]
+struct Wall(u64);
+
+impl Stamp for Wall {
+    fn now() -> Self {
+        Wall(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+        )
+    }
+    fn since(self, sent: Self) -> Duration {
+        Duration::from_nanos(self.0.saturating_sub(sent.0))
+    }
 }
 
 /// The observer side of a burst alone: one raw connection publishes `n`
@@ -265,16 +305,7 @@ async fn observer_burst(url: &str, n: usize) -> Result<(), Error> {
     let (mut raw, mut ours) = (Vec::new(), Vec::new());
     for round in 0..BURST_ROUNDS {
         let name = format!("prop-observer-{round}");
-        let payloads: Vec<Bytes> = (0..n)
-            .map(|i| {
-                Bytes::from(pubsub_registry::protocol::encode_announcement(
-                    &Service::new(&name, address(i)),
-                    pubsub_registry::Status::Passing,
-                    std::time::SystemTime::now(),
-                    Duration::from_secs(20),
-                ))
-            })
-            .collect();
+        let payloads = encoded_announcements(&name, n, address);
 
         let subject = format!("raw.observer.{round}");
         raw.extend(raw_burst(&publisher, &subscriber, subject, &payloads).await?);
@@ -289,8 +320,8 @@ async fn observer_burst(url: &str, n: usize) -> Result<(), Error> {
         // its burst is in flight, and neither may this process's other tasks.
         let index: HashMap<String, usize> = (0..n).map(|i| (address(i), i)).collect();
         let subject = format!("registry.register.{name}");
-        let reader = event_arrivals(observer.events_for(&name), n);
-        let sent = send_all(&publisher, &subject, &payloads).await?;
+        let reader = event_arrivals::<Instant>(observer.events_for(&name), n);
+        let sent = send_all::<Instant>(&publisher, &subject, &payloads).await?;
         ours.extend(reader.await??.into_iter().map(|(a, t)| t - sent[index[&a]]));
         observer.close().await?;
     }
@@ -300,6 +331,234 @@ async fn observer_burst(url: &str, n: usize) -> Result<(), Error> {
         &mut raw,
     );
     Ok(())
+}
+
+/// Propagation again with the sender and the reader in two processes, as
+/// issue 5 words the target ("from `register` in one process to the event
+/// in another"): this process sends, a child reads, and all times are read
+/// off the wall clock, which both share. Paced first (one raw message then
+/// one registration, each read before the next is sent), then bursts: each
+/// round a raw burst, a registry burst, and the raw sender's announcements
+/// to a registry observer, in that order on both sides.
+async fn apart(url: &str, n: usize) -> Result<(), Error> {
+    let (mut child, mut lines) = spawn_role("reader", url, n)?;
+    let publisher = async_nats::connect(url).await?;
+    let raw_payload = raw_payload();
+    let index: HashMap<String, usize> = (0..n).map(|i| (apart_address(i), i)).collect();
+    let latencies = |arrived: Vec<(String, Wall)>, sent: &[Wall]| -> Result<Vec<Duration>, Error> {
+        arrived
+            .into_iter()
+            .map(|(key, at)| {
+                let i = index
+                    .get(&key)
+                    .ok_or_else(|| format!("unknown arrival {key}"))?;
+                Ok(at.since(sent[*i]))
+            })
+            .collect()
+    };
+
+    let (mut raw, mut ours) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let server = Registry::builder().nats_url(url).build().await?;
+    let name = "apart-paced";
+    expect_line(&mut lines, "ready").await?;
+    // The first registration of a name also subscribes to its pings.
+    server.register(Service::new(name, "warm:1")).await?;
+    expect_line(&mut lines, "warm").await?;
+    for i in 0..n {
+        let sent = Wall::now();
+        publisher
+            .publish("raw.apart.paced", raw_payload.clone())
+            .await?;
+        raw.push(read_at(&mut lines).await?.since(sent));
+        let sent = Wall::now();
+        server
+            .register(Service::new(name, apart_address(i)))
+            .await?;
+        ours.push(read_at(&mut lines).await?.since(sent));
+    }
+    server.close().await?;
+    report("propagation paced, two processes", &mut ours, &mut raw);
+
+    let raw_payloads = vec![raw_payload; n];
+    let (mut raw, mut ours, mut observer_side) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..BURST_ROUNDS {
+        expect_line(&mut lines, "ready").await?;
+        let sent =
+            send_all::<Wall>(&publisher, &format!("raw.apart.{round}"), &raw_payloads).await?;
+        raw.extend(latencies(read_arrived(&mut lines).await?, &sent)?);
+
+        let server = Registry::builder().nats_url(url).build().await?;
+        let name = format!("apart-{round}");
+        expect_line(&mut lines, "ready").await?;
+        server.register(Service::new(&name, "warm:1")).await?;
+        expect_line(&mut lines, "warm").await?;
+        let services: Vec<Service> = (0..n)
+            .map(|i| Service::new(&name, apart_address(i)))
+            .collect();
+        let mut sent = Vec::with_capacity(n);
+        for svc in services {
+            sent.push(Wall::now());
+            server.register(svc).await?;
+        }
+        ours.extend(latencies(read_arrived(&mut lines).await?, &sent)?);
+        server.close().await?;
+
+        let name = format!("apart-observer-{round}");
+        let payloads = encoded_announcements(&name, n, apart_address);
+        expect_line(&mut lines, "ready").await?;
+        let sent =
+            send_all::<Wall>(&publisher, &format!("registry.register.{name}"), &payloads).await?;
+        observer_side.extend(latencies(read_arrived(&mut lines).await?, &sent)?);
+    }
+    child.wait().await?;
+    report("propagation burst, two processes", &mut ours, &mut raw);
+    report(
+        "propagation burst, two processes, observer side (same raw sender)",
+        &mut observer_side,
+        &mut raw,
+    );
+    Ok(())
+}
+
+/// The reading side of [`apart`], in the child, step for step with it.
+/// Says `ready` when subscribed and `warm` once it has the sender's first
+/// registration; prints each paced arrival's time on a line of its own, and
+/// each burst's arrivals on one line.
+async fn reader(url: &str, n: usize) -> Result<(), Error> {
+    let raw = raw_client(url).await?;
+    let observer = || {
+        Registry::builder()
+            .nats_url(url)
+            .event_capacity(n * 2)
+            .build()
+    };
+
+    let mut sub = raw.subscribe("raw.apart.paced").await?;
+    settled(&raw).await;
+    let registry = observer().await?;
+    let name = "apart-paced";
+    registry.observe(name).await?;
+    let mut events = registry.events_for(name);
+    println!("ready");
+    wait_for_warm(&mut events).await?;
+    println!("warm");
+    for _ in 0..n {
+        tokio::time::timeout(ARRIVAL_DEADLINE, sub.next())
+            .await?
+            .ok_or("raw subscription ended")?;
+        println!("at {}", Wall::now().0);
+        tokio::time::timeout(ARRIVAL_DEADLINE, events.next())
+            .await?
+            .ok_or("events ended")??;
+        println!("at {}", Wall::now().0);
+    }
+    registry.close().await?;
+
+    for round in 0..BURST_ROUNDS {
+        let sub = raw.subscribe(format!("raw.apart.{round}")).await?;
+        settled(&raw).await;
+        println!("ready");
+        let at = arrivals::<_, Wall>(sub, n).await??;
+        // Raw messages are all alike: each is named by its place, as one
+        // connection's messages arrive in the order they were sent.
+        print_arrived(
+            at.into_iter()
+                .enumerate()
+                .map(|(i, t)| (apart_address(i), t)),
+        );
+
+        let registry = observer().await?;
+        let name = format!("apart-{round}");
+        registry.observe(&name).await?;
+        let mut events = registry.events_for(&name);
+        println!("ready");
+        wait_for_warm(&mut events).await?;
+        println!("warm");
+        print_arrived(event_arrivals::<Wall>(events, n).await??);
+        registry.close().await?;
+
+        let registry = observer().await?;
+        let name = format!("apart-observer-{round}");
+        registry.observe(&name).await?;
+        let events = registry.events_for(&name);
+        println!("ready");
+        print_arrived(event_arrivals::<Wall>(events, n).await??);
+        registry.close().await?;
+    }
+    Ok(())
+}
+
+/// Reads events until the sender's first registration, `warm:1`.
+async fn wait_for_warm(events: &mut pubsub_registry::EventStream) -> Result<(), Error> {
+    loop {
+        let event = tokio::time::timeout(ARRIVAL_DEADLINE, events.next())
+            .await?
+            .ok_or("events ended")??;
+        if event.instance.address() == "warm:1" {
+            return Ok(());
+        }
+    }
+}
+
+/// The address of the `i`th instance sent across processes.
+fn apart_address(i: usize) -> String {
+    format!("10.2.{}.{}:80", i / 256, i % 256)
+}
+
+/// One line: `arrived` then `key=nanoseconds` for each arrival.
+fn print_arrived(arrived: impl IntoIterator<Item = (String, Wall)>) {
+    let mut line = String::from("arrived");
+    for (key, at) in arrived {
+        line.push_str(&format!(" {key}={}", at.0));
+    }
+    println!("{line}");
+}
+
+/// Reads a line written by [`print_arrived`].
+async fn read_arrived(lines: &mut ChildLines) -> Result<Vec<(String, Wall)>, Error> {
+    let line = lines.next_line().await?.ok_or("the reader ended")?;
+    let rest = line
+        .strip_prefix("arrived")
+        .ok_or_else(|| format!("the reader said {line}"))?;
+    rest.split_whitespace()
+        .map(|pair| {
+            let (key, at) = pair.rsplit_once('=').ok_or("a malformed arrival")?;
+            Ok((key.to_string(), Wall(at.parse()?)))
+        })
+        .collect()
+}
+
+/// Reads a paced arrival's time from the child.
+async fn read_at(lines: &mut ChildLines) -> Result<Wall, Error> {
+    let line = lines.next_line().await?.ok_or("the reader ended")?;
+    let at = line
+        .strip_prefix("at ")
+        .ok_or_else(|| format!("the reader said {line}"))?;
+    Ok(Wall(at.parse()?))
+}
+
+/// Waits for the child to say `what`.
+async fn expect_line(lines: &mut ChildLines, what: &str) -> Result<(), Error> {
+    match lines.next_line().await? {
+        Some(line) if line == what => Ok(()),
+        Some(line) => Err(format!("the reader said {line}, not {what}").into()),
+        None => Err("the reader ended".into()),
+    }
+}
+
+/// `n` announcements of `name` as a peer sends them, the `i`th from
+/// `address(i)`: what a raw sender publishes to a registry observer.
+fn encoded_announcements(name: &str, n: usize, address: impl Fn(usize) -> String) -> Vec<Bytes> {
+    (0..n)
+        .map(|i| {
+            Bytes::from(pubsub_registry::protocol::encode_announcement(
+                &Service::new(name, address(i)),
+                pubsub_registry::Status::Passing,
+                std::time::SystemTime::now(),
+                Duration::from_secs(20),
+            ))
+        })
+        .collect()
 }
 
 /// `n` rounds of one raw message (`raw_once` times it) and one registration
@@ -354,7 +613,7 @@ async fn registry_burst(
     let address = |i: usize| format!("10.0.{}.{}:80", i / 256, i % 256);
     // Each event is timestamped as it arrives, by a reader task of its own,
     // as for the raw baseline: the sending loop never delays it.
-    let reader = event_arrivals(events, n);
+    let reader = event_arrivals::<Instant>(events, n);
     let services: Vec<Service> = (0..n).map(|i| Service::new(name, address(i))).collect();
     // Built before the burst, like `services`: nothing but the burst may
     // take CPU while it is in flight, as on the raw side.
@@ -582,7 +841,7 @@ async fn observer_process(url: &str, n: usize, what: &str) -> Result<(), Error> 
 
 /// Reads `n` items of `stream` in a task of its own, timestamping each as it
 /// arrives: a sending loop elsewhere never delays the reading.
-fn arrivals<S>(mut stream: S, n: usize) -> tokio::task::JoinHandle<Result<Vec<Instant>, Error>>
+fn arrivals<S, T: Stamp>(mut stream: S, n: usize) -> tokio::task::JoinHandle<Result<Vec<T>, Error>>
 where
     S: futures_util::Stream + Unpin + Send + 'static,
 {
@@ -590,7 +849,7 @@ where
         let mut at = Vec::with_capacity(n);
         while at.len() < n {
             match tokio::time::timeout(ARRIVAL_DEADLINE, stream.next()).await {
-                Ok(Some(_)) => at.push(Instant::now()),
+                Ok(Some(_)) => at.push(T::now()),
                 Ok(None) => return Err("stream ended".into()),
                 Err(_) => return Err(format!("{} of {n} lost", n - at.len()).into()),
             }
@@ -601,10 +860,10 @@ where
 
 /// Like [`arrivals`] for registry events: the address each event names and
 /// when it arrived, so it can be matched with its own send time.
-fn event_arrivals(
+fn event_arrivals<T: Stamp>(
     mut events: pubsub_registry::EventStream,
     n: usize,
-) -> tokio::task::JoinHandle<Result<Vec<(String, Instant)>, Error>> {
+) -> tokio::task::JoinHandle<Result<Vec<(String, T)>, Error>> {
     tokio::spawn(async move {
         // The instance is kept as it arrives (a reference count) and its
         // address copied out after the last one: the timed loop does no
@@ -612,7 +871,7 @@ fn event_arrivals(
         let mut at = Vec::with_capacity(n);
         while at.len() < n {
             match tokio::time::timeout(ARRIVAL_DEADLINE, events.next()).await {
-                Ok(Some(ev)) => at.push((ev?.instance, Instant::now())),
+                Ok(Some(ev)) => at.push((ev?.instance, T::now())),
                 Ok(None) => return Err("events ended".into()),
                 Err(_) => return Err(format!("{} of {n} events lost", n - at.len()).into()),
             }
@@ -673,6 +932,7 @@ async fn child(role: &str, args: &Args) -> Result<(), Error> {
     let url = args.url.clone().ok_or("--url")?;
     let n = args.count.unwrap_or(100_000);
     match role {
+        "reader" => reader(&url, n).await?,
         "observer" => {
             let rss_before = rss_kib();
             let observer = Registry::builder().nats_url(&url).build().await?;
@@ -818,7 +1078,7 @@ mod redis {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&subject).await?;
             // Arrivals timestamped by a reader task of their own.
-            let reader = arrivals(pubsub.into_on_message(), n);
+            let reader = arrivals::<_, Instant>(pubsub.into_on_message(), n);
             let mut sent = Vec::with_capacity(n);
             for _ in 0..n {
                 sent.push(Instant::now());
