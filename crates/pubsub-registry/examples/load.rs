@@ -239,7 +239,11 @@ async fn raw_burst(
     let reader = arrivals::<_, Instant>(sub, payloads.len());
     let sent = send_all::<Instant>(publisher, &subject, payloads).await?;
     let arrived = reader.await??;
-    Ok(arrived.iter().zip(&sent).map(|(a, s)| *a - *s).collect())
+    Ok(arrived
+        .iter()
+        .zip(&sent)
+        .map(|(a, s)| a.since(*s))
+        .collect())
 }
 
 /// Publishes `payloads` on `subject` in one go; returns each one's send time.
@@ -254,6 +258,19 @@ async fn send_all<T: Stamp>(
         publisher.publish(subject.to_string(), p.clone()).await?;
     }
     publisher.flush().await?;
+    Ok(sent)
+}
+
+/// Registers `services` in one go; returns each one's send time.
+async fn register_all<T: Stamp>(
+    server: &Registry,
+    services: Vec<Service>,
+) -> Result<Vec<T>, Error> {
+    let mut sent = Vec::with_capacity(services.len());
+    for svc in services {
+        sent.push(T::now());
+        server.register(svc).await?;
+    }
     Ok(sent)
 }
 
@@ -395,11 +412,7 @@ async fn apart(url: &str, n: usize) -> Result<(), Error> {
         let services: Vec<Service> = (0..n)
             .map(|i| Service::new(&name, apart_address(i)))
             .collect();
-        let mut sent = Vec::with_capacity(n);
-        for svc in services {
-            sent.push(Wall::now());
-            server.register(svc).await?;
-        }
+        let sent = register_all::<Wall>(&server, services).await?;
         ours.extend(latencies(read_arrived(&mut lines).await?, &sent)?);
         server.close().await?;
 
@@ -618,12 +631,8 @@ async fn registry_burst(
     // Built before the burst, like `services`: nothing but the burst may
     // take CPU while it is in flight, as on the raw side.
     let index: HashMap<String, usize> = (0..n).map(|i| (address(i), i)).collect();
-    let mut sent = Vec::with_capacity(n);
     let started = Instant::now();
-    for svc in services {
-        sent.push(Instant::now());
-        server.register(svc).await?;
-    }
+    let sent = register_all::<Instant>(&server, services).await?;
     let registering = started.elapsed();
     for (address, at) in reader.await?? {
         if let Some(&i) = index.get(&address) {

@@ -486,10 +486,6 @@ enum Listener {
     PingAll,
 }
 
-/// The last subject a listener found well formed, with its kind and where
-/// its name starts. A burst, and every heartbeat of a name, repeats one
-/// subject: comparing it with this one costs less than taking it apart and
-/// checking its name again.
 /// A ping a listener was asked to answer.
 enum Ping<'m> {
     /// Every name registered here.
@@ -497,6 +493,10 @@ enum Ping<'m> {
     Name(&'m str),
 }
 
+/// The last subject a listener found well formed, with its kind and where
+/// its name starts. A burst, and every heartbeat of a name, repeats one
+/// subject: comparing it with this one costs less than taking it apart and
+/// checking its name again.
 #[derive(Default)]
 struct LastSubject {
     text: String,
