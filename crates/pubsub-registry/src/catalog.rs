@@ -372,7 +372,7 @@ impl Catalog {
             let m = m.try_borrow().ok()?;
             let memo = m[slot].as_ref()?;
             let fresh = memo.catalog == self.id
-                && *memo.name == *name
+                && same_name(&memo.name, name)
                 && memo.entry.version.load(Ordering::Acquire) == memo.version;
             // Run `f` under the borrow: cloning the snapshot out would move
             // a reference count shared by every thread.
@@ -712,6 +712,27 @@ thread_local! {
     static MEMO: RefCell<[Option<Memo>; MEMO_SLOTS]> = const { RefCell::new([const { None }; MEMO_SLOTS]) };
 }
 
+/// `a == b`, without a call to `memcmp` for names of up to 16 bytes (most
+/// of them): that call was about 3 ns of a 25 ns cached lookup.
+#[inline]
+fn same_name(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    // Two loads from each end, overlapping when shorter than two words.
+    let word = |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().unwrap());
+    let half = |s: &[u8], at: usize| u32::from_le_bytes(s[at..at + 4].try_into().unwrap());
+    match n {
+        0 => true,
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        4..=7 => half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4),
+        8..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
+        _ => a == b,
+    }
+}
+
 #[inline]
 fn memo_slot(name: &str) -> usize {
     foldhash::fast::FixedState::default().hash_one(name) as usize % MEMO_SLOTS
@@ -766,6 +787,22 @@ mod tests {
 
     fn svc(name: &str, addr: &str) -> Service {
         Service::new(name, addr)
+    }
+
+    #[test]
+    fn same_name_is_string_equality() {
+        for n in 0..=40 {
+            let a: String = (0..n).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+            assert!(same_name(&a, &a.clone()), "{a:?} differs from itself");
+            for i in 0..n {
+                let mut b = a.clone().into_bytes();
+                b[i] = b'#';
+                let b = String::from_utf8(b).unwrap();
+                assert!(!same_name(&a, &b), "{a:?} same as {b:?}");
+            }
+            let longer = format!("{a}a");
+            assert!(!same_name(&a, &longer) && !same_name(&longer, &a));
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -44,7 +44,8 @@ impl Filter {
     }
 
     /// Load balancing: each lookup returns the next of the matching
-    /// instances in turn (a counter per service name).
+    /// instances in turn (a counter per service name; two lookups from two
+    /// threads at the very same moment may get the same instance).
     pub fn round_robin() -> Self {
         Filter(Rule::RoundRobin)
     }
@@ -75,6 +76,19 @@ impl fmt::Debug for Filter {
     }
 }
 
+/// The turn to take among `len` (more than zero), and the next one after
+/// it. A load and a store, not a locked increment: the locked one costs
+/// every round-robin lookup about as much as the rest of it, where two
+/// threads that read the same turn at once only give one instance a second
+/// lookup. No division either: a turn past the end starts again at 0.
+#[inline]
+fn next_turn(turn: &AtomicUsize, len: usize) -> usize {
+    let n = turn.load(Ordering::Relaxed);
+    let n = if n < len { n } else { 0 };
+    turn.store(n + 1, Ordering::Relaxed);
+    n
+}
+
 /// The builder's filters and a call's filters, applied as one list without
 /// allocating.
 #[derive(Clone, Copy)]
@@ -89,6 +103,7 @@ impl Chain<'_> {
         self.defaults.iter().chain(self.call)
     }
 
+    #[inline]
     fn is_empty(&self) -> bool {
         self.defaults.is_empty() && self.call.is_empty()
     }
@@ -103,15 +118,24 @@ impl Chain<'_> {
 
     /// One instance: the first that matches, or the next in turn under
     /// round-robin.
+    #[inline]
     pub(crate) fn pick<'i>(
         &self,
         instances: &'i Chunks,
         turn: &AtomicUsize,
     ) -> Option<&'i Arc<Instance>> {
-        // Most lookups have no filter at all: one check, no iterator.
+        // Most lookups have no filter at all: one check, no call.
         if self.is_empty() {
             return instances.get(0);
         }
+        self.pick_filtered(instances, turn)
+    }
+
+    fn pick_filtered<'i>(
+        &self,
+        instances: &'i Chunks,
+        turn: &AtomicUsize,
+    ) -> Option<&'i Arc<Instance>> {
         if !self.round_robin() {
             return instances.iter().find(|i| self.keeps(i));
         }
@@ -120,14 +144,13 @@ impl Chain<'_> {
             if instances.is_empty() {
                 return None;
             }
-            let n = turn.fetch_add(1, Ordering::Relaxed) % instances.len();
-            return instances.get(n);
+            return instances.get(next_turn(turn, instances.len()));
         }
         let matching = instances.iter().filter(|i| self.keeps(i)).count();
         if matching == 0 {
             return None;
         }
-        let n = turn.fetch_add(1, Ordering::Relaxed) % matching;
+        let n = next_turn(turn, matching);
         instances.iter().filter(|i| self.keeps(i)).nth(n)
     }
 
@@ -185,5 +208,22 @@ impl fmt::Debug for ObserveFilter {
             ObserveRule::SameHost => "ObserveFilter::same_host",
             ObserveRule::Custom(_) => "ObserveFilter::from_fn",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn turns_cycle_and_start_again_when_the_list_shrinks() {
+        let turn = AtomicUsize::new(0);
+        let taken: Vec<usize> = (0..7).map(|_| next_turn(&turn, 3)).collect();
+        assert_eq!(taken, [0, 1, 2, 0, 1, 2, 0]);
+        // At turn 1 of 3, the list drops to one instance: never past it.
+        let taken: Vec<usize> = (0..3).map(|_| next_turn(&turn, 1)).collect();
+        assert_eq!(taken, [0, 0, 0]);
+        turn.store(usize::MAX, Ordering::Relaxed);
+        assert_eq!(next_turn(&turn, 2), 0, "a turn past the end starts at 0");
     }
 }
