@@ -950,10 +950,12 @@ async fn child(role: &str, args: &Args) -> Result<(), Error> {
             while observer.stats().instances < n {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            let (rss, arrived) = (rss_kib(), Instant::now());
+            let (rss, peak, arrived) = (rss_kib(), peak_rss_kib(), Instant::now());
+            let during = observer.stats().memory_releases;
             // The registry gives back what the burst's queued messages
             // left in the allocator a quiet second after the backlog.
-            while observer.stats().memory_releases == 0 && arrived.elapsed() < RELEASE_DEADLINE {
+            while observer.stats().memory_releases == during && arrived.elapsed() < RELEASE_DEADLINE
+            {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let (released, after) = (rss_kib(), arrived.elapsed());
@@ -963,8 +965,9 @@ async fn child(role: &str, args: &Args) -> Result<(), Error> {
             unsafe { libc::malloc_trim(0) };
             let trimmed = rss_kib();
             println!(
-                "memory {n} instances: observer process RSS {:.1} MiB on arrival, {:.1} MiB {after:.1?} later ({} release), {:.1} MiB after malloc_trim ({:.1} MiB before the registry): {:.0} bytes per instance",
+                "memory {n} instances: observer process RSS {:.1} MiB on arrival (peak {:.1} MiB; {during} releases during the burst), {:.1} MiB {after:.1?} later ({} in all), {:.1} MiB after malloc_trim ({:.1} MiB before the registry): {:.0} bytes per instance",
                 rss as f64 / 1024.0,
+                peak as f64 / 1024.0,
                 released as f64 / 1024.0,
                 observer.stats().memory_releases,
                 trimmed as f64 / 1024.0,
@@ -1011,12 +1014,22 @@ async fn child(role: &str, args: &Args) -> Result<(), Error> {
     Ok(())
 }
 
+/// Resident memory now, in KiB.
 fn rss_kib() -> u64 {
+    status_kib("VmRSS:")
+}
+
+/// The most resident memory the process has had, in KiB.
+fn peak_rss_kib() -> u64 {
+    status_kib("VmHWM:")
+}
+
+fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(0)

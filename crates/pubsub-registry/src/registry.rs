@@ -260,8 +260,9 @@ impl RegistryBuilder {
     /// announcements at once held 73 MiB for a live set of 45. When a
     /// subscription has worked through a backlog of at least 8,192
     /// messages and a second has then passed without a new one, the
-    /// registry calls glibc's `malloc_trim` once, on tokio's blocking pool;
-    /// [`Stats::memory_releases`] counts the calls. Paced traffic and
+    /// registry calls glibc's `malloc_trim` once, on tokio's blocking pool,
+    /// and while a backlog lasts, once after every 16,384 messages taken
+    /// from it; [`Stats::memory_releases`] counts the calls. Paced traffic and
     /// heartbeats never build a backlog and never cause one. It walks the
     /// whole heap with each arena locked in turn, so a process with a
     /// large heap and strict allocation latencies may prefer to turn it

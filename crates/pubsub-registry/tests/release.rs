@@ -1,5 +1,6 @@
 //! Giving back the memory a burst leaves behind (glibc's `malloc_trim`):
-//! once after a backlog, never for paced traffic, never when turned off.
+//! once after a backlog, also during a long one, never for paced traffic,
+//! never when turned off.
 #![cfg(all(target_os = "linux", target_env = "gnu"))]
 
 use std::time::{Duration, SystemTime};
@@ -11,8 +12,12 @@ use pubsub_registry::{MemoryBus, Registry, Service, Status};
 
 const NAME: &str = "burst";
 
-/// More than the 8,192 queued messages that make a release worth it.
-const BURST: usize = 20_000;
+/// More than the 8,192 queued messages that make a release worth it, less
+/// than the 16,384 that make one worth it while the backlog lasts.
+const BURST: usize = 12_000;
+
+/// More than twice 16,384.
+const LONG_BURST: usize = 40_000;
 
 async fn announce(bus: &MemoryBus, i: usize) {
     let service = Service::new(NAME, format!("10.2.{}.{}:80", i / 256, i % 256));
@@ -44,15 +49,11 @@ async fn observer(bus: &MemoryBus, release: bool) -> Registry {
 
 /// Publishes the whole burst before the observer's listener runs (one
 /// thread, and publishing to the bus never waits), so it all queues.
-async fn burst(bus: &MemoryBus, observer: &Registry) {
-    for i in 0..BURST {
+async fn burst(bus: &MemoryBus, observer: &Registry, n: usize) {
+    for i in 0..n {
         announce(bus, i).await;
     }
-    wait_for(
-        || observer.stats().instances == BURST,
-        "the burst to arrive",
-    )
-    .await;
+    wait_for(|| observer.stats().instances == n, "the burst to arrive").await;
 }
 
 /// Waits up to 20 s of real time; the paused clock moves on meanwhile,
@@ -72,11 +73,27 @@ async fn wait_for(done: impl Fn() -> bool, what: &str) {
 async fn a_burst_is_given_back_once_it_has_drained() {
     let bus = MemoryBus::new();
     let observer = observer(&bus, true).await;
-    burst(&bus, &observer).await;
+    burst(&bus, &observer, BURST).await;
     wait_for(|| observer.stats().memory_releases > 0, "a release").await;
     // One burst, one release, even though it filled many batches.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(observer.stats().memory_releases, 1);
+    assert_eq!(bus.dropped(), 0);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_long_burst_is_also_given_back_while_it_lasts() {
+    let bus = MemoryBus::new();
+    let observer = observer(&bus, true).await;
+    burst(&bus, &observer, LONG_BURST).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // At least one while the backlog lasted, then the one after it.
+    let releases = observer.stats().memory_releases;
+    assert!(releases >= 2, "{releases} releases");
+    assert!(
+        releases <= 3,
+        "{releases} releases for {LONG_BURST} messages"
+    );
     assert_eq!(bus.dropped(), 0);
 }
 
@@ -101,7 +118,7 @@ async fn paced_announcements_never_cause_a_release() {
 async fn no_release_when_turned_off() {
     let bus = MemoryBus::new();
     let observer = observer(&bus, false).await;
-    burst(&bus, &observer).await;
+    burst(&bus, &observer, LONG_BURST).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(observer.stats().memory_releases, 0);
 }
