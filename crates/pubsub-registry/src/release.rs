@@ -40,12 +40,12 @@ const DURING: u64 = 16_384;
 /// and of the releases they led to.
 pub(crate) struct Release {
     enabled: bool,
-    /// Messages taken from a queue since the last release.
+    /// Messages taken from a queue since the last release; while it moves
+    /// (a release during the backlog setting it back to 0 included), a
+    /// backlog is being worked through.
     backlog: AtomicU64,
     /// A task is waiting for the quiet second.
     armed: AtomicBool,
-    /// Messages taken from a queue since the last release during a backlog.
-    during: AtomicU64,
     /// A release during the backlog is under way.
     trimming: AtomicBool,
     /// Releases done.
@@ -59,7 +59,6 @@ impl Release {
             enabled: wanted && cfg!(all(target_os = "linux", target_env = "gnu")),
             backlog: AtomicU64::new(0),
             armed: AtomicBool::new(false),
-            during: AtomicU64::new(0),
             trimming: AtomicBool::new(false),
             done: AtomicU64::new(0),
         }
@@ -74,9 +73,8 @@ impl Release {
         if total >= WORTH_IT && !self.armed.swap(true, Ordering::AcqRel) {
             tokio::spawn(self.clone().when_quiet());
         }
-        let during = self.during.fetch_add(taken as u64, Ordering::Relaxed) + taken as u64;
-        if during >= DURING && !self.trimming.swap(true, Ordering::AcqRel) {
-            self.during.store(0, Ordering::Relaxed);
+        if total >= DURING && !self.trimming.swap(true, Ordering::AcqRel) {
+            self.backlog.store(0, Ordering::Relaxed);
             let this = self.clone();
             tokio::spawn(async move {
                 this.release().await;
@@ -94,7 +92,6 @@ impl Release {
             }
         }
         self.backlog.store(0, Ordering::Relaxed);
-        self.during.store(0, Ordering::Relaxed);
         self.release().await;
         self.armed.store(false, Ordering::Release);
     }
