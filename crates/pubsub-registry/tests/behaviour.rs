@@ -54,6 +54,7 @@ suite!(
     a_repeated_subject_is_checked_like_a_new_one,
     dropping_the_last_handle_unregisters,
     no_wait_and_timeouts,
+    lookups_leave_the_name_followed_however_they_end,
     callback_and_streams,
     slow_subscriber_is_told_what_it_missed,
     default_instance,
@@ -757,6 +758,51 @@ async fn no_wait_and_timeouts(env: Env) {
     );
     // A ping nobody serves is not answered with anything b could mistake
     // for a malformed announcement (NATS's "no responders" status).
+    assert_eq!(b.stats().rejected, 0);
+}
+
+/// The lookup that subscribes to a name reads the answer to its ping
+/// itself when it runs in a task, and hands the name's messages to a
+/// listener task when it ends. Found, timed out or cancelled, the cache
+/// follows the name afterwards, and a lookup waiting alongside it is
+/// answered too. Run from a task and from the test's own thread (which
+/// hands over before the ping).
+async fn lookups_leave_the_name_followed_however_they_end(env: Env) {
+    let a = env.registry().await;
+    let b = env.registry().await;
+    for (round, in_task) in [(0, true), (1, false)] {
+        let names = ["timed-out", "cancelled", "found"].map(|n| format!("{n}-{round}"));
+        a.register(svc(&names[2], "10.0.0.1:1")).await.unwrap();
+        let lookups = {
+            let (b, names) = (b.clone(), names.clone());
+            async move {
+                let short = Lookup::new().timeout(Duration::from_millis(20));
+                assert!(b.get_service_with(&names[0], &short).await.is_err());
+                let cancelled =
+                    tokio::time::timeout(Duration::from_millis(20), b.get_service(&names[1])).await;
+                assert!(cancelled.is_err(), "nothing answers {}", names[1]);
+                let (x, y) = tokio::join!(b.get_service(&names[2]), b.get_service(&names[2]));
+                assert_eq!(x.unwrap().address(), "10.0.0.1:1");
+                assert_eq!(y.unwrap().address(), "10.0.0.1:1");
+            }
+        };
+        if in_task {
+            tokio::spawn(lookups).await.unwrap();
+        } else {
+            lookups.await;
+        }
+        for name in &names {
+            a.register(svc(name, "10.0.0.2:2")).await.unwrap();
+        }
+        for name in &names {
+            let what = format!("{name}'s new instance in the cache (round {round}), unasked");
+            eventually(&what, || async {
+                let now = b.get_services_with(name, &Lookup::new().no_wait()).await;
+                now.is_ok_and(|found| found.iter().any(|i| i.address() == "10.0.0.2:2"))
+            })
+            .await;
+        }
+    }
     assert_eq!(b.stats().rejected, 0);
 }
 
