@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use futures_util::stream::{AbortHandle as Unfollow, Abortable};
+use futures_util::future::{AbortHandle as Unfollow, AbortRegistration, Abortable};
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
@@ -552,19 +552,21 @@ impl Reader {
 /// before the ping would leave two tasks to run on the lookup's worker
 /// (the task and the connection's), and tokio then wakes another worker
 /// thread, a system call on the lookup's path (about 10 µs of a cold
-/// lookup's 150 µs in the seventeenth session's probes).
+/// lookup's 150 µs in the seventeenth session's probes). Stopping the name
+/// (`close`, `observe_all`) takes effect when the reader is handed over, at
+/// the latest when the lookup times out.
 struct Reading<'a> {
     inner: &'a Arc<Inner>,
     name: &'a str,
-    reader: Option<Reader>,
+    reader: Option<(Reader, AbortRegistration)>,
 }
 
 impl Reading<'_> {
     /// Returns when `changed` fires or, if this lookup holds the reader,
-    /// once it has taken in a batch of messages (or the stream has ended:
-    /// then whatever follows the name now fires `changed`).
+    /// once it has taken in a batch of messages (or found their stream
+    /// ended: the subscription is gone with the connection).
     async fn until(&mut self, changed: Pin<&mut tokio::sync::futures::Notified<'_>>) {
-        let Some(reader) = self.reader.as_mut() else {
+        let Some((reader, _)) = self.reader.as_mut() else {
             return changed.await;
         };
         tokio::select! {
@@ -579,8 +581,8 @@ impl Reading<'_> {
 
     /// Hands the reader, if this lookup holds it, to a listener task.
     fn hand_over(&mut self) {
-        if let Some(reader) = self.reader.take() {
-            self.inner.listen(reader);
+        if let Some((reader, stop)) = self.reader.take() {
+            self.inner.listen_until(reader, stop);
         }
     }
 }
@@ -636,7 +638,7 @@ struct Own {
     services: Registrations,
     pings: HashMap<String, Pinged, foldhash::fast::RandomState>,
     /// The "ping all" listener, from the first registration on.
-    ping_all: Option<AbortHandle>,
+    ping_all: Option<Unfollow>,
     /// Heartbeats by due time, one entry per registration, all sent by one
     /// task: a registration costs a heap push, not a task and a timer. An
     /// unregistered service's entry is dropped when it comes up.
@@ -741,7 +743,7 @@ struct RegId {
 }
 
 struct Pinged {
-    listener: AbortHandle,
+    listener: Unfollow,
     /// The name's announcement subject, made once.
     announce: Subject,
     last_answer: Option<Instant>,
@@ -751,8 +753,7 @@ struct Pinged {
     ids: Vec<RegId>,
 }
 
-/// What this registry follows; aborting a handle ends its stream, and so
-/// its reader.
+/// What this registry follows; aborting a handle stops its listener.
 #[derive(Default)]
 struct Subs {
     all: Option<Unfollow>,
@@ -1078,14 +1079,13 @@ impl Registry {
             return Ok(());
         }
         let main = &inner.opts.main_topic;
-        let (messages, unfollow) = inner
+        let messages = inner
             .follow(
                 Topic::Pattern(protocol::all_pattern(main, Kind::Register)),
                 Topic::Pattern(protocol::all_pattern(main, Kind::Unregister)),
             )
             .await?;
-        inner.listen(Reader::new(messages, Listener::Observer));
-        subs.all = Some(unfollow);
+        subs.all = Some(inner.listen(Reader::new(messages, Listener::Observer)));
         // Per-name subscriptions would only deliver everything twice now.
         for (_, unfollow) in subs.names.drain() {
             unfollow.abort();
@@ -1319,31 +1319,35 @@ impl Inner {
 
     /// Subscribes to a name's messages, read by a task of their own.
     async fn observe(self: &Arc<Self>, name: &str) -> Result<()> {
-        if let Some(reader) = self.follow_name(name).await? {
-            self.listen(reader);
+        if let Some((reader, stop)) = self.follow_name(name).await? {
+            self.listen_until(reader, stop);
         }
         Ok(())
     }
 
     /// Subscribes to a name's messages unless they are followed already,
-    /// and returns their reader. Does not wait for the broker to take the
-    /// subscription: a lookup's ping follows on the same connection, so the
-    /// broker has the subscription before any answer.
-    async fn follow_name(self: &Arc<Self>, name: &str) -> Result<Option<Reader>> {
+    /// and returns their reader and what stops it. Does not wait for the
+    /// broker to take the subscription: a lookup's ping follows on the same
+    /// connection, so the broker has the subscription before any answer.
+    async fn follow_name(
+        self: &Arc<Self>,
+        name: &str,
+    ) -> Result<Option<(Reader, AbortRegistration)>> {
         let mut subs = self.subs.lock().await;
         if subs.all.is_some() || subs.names.contains_key(name) {
             return Ok(None);
         }
         let main = &self.opts.main_topic;
-        let (messages, unfollow) = self
+        let messages = self
             .follow(
                 Topic::Subject(protocol::subject(main, Kind::Register, name)),
                 Topic::Subject(protocol::subject(main, Kind::Unregister, name)),
             )
             .await?;
+        let (unfollow, stop) = Unfollow::new_pair();
         subs.names.insert(name.to_string(), unfollow);
         self.catalog.ensure(name);
-        Ok(Some(Reader::new(messages, Listener::Observer)))
+        Ok(Some((Reader::new(messages, Listener::Observer), stop)))
     }
 
     /// Subscribes to pings for `name` if nothing registered here answers
@@ -1394,33 +1398,36 @@ impl Inner {
     /// the instance out until its next announcement or a lookup's ping.) A
     /// single `<main>.*.<name>` subscription would keep the order but also
     /// deliver every ping to every observer: a ping storm would cost the
-    /// broker observers x pings messages. Aborting the handle ends the
-    /// stream.
-    async fn follow(
-        &self,
-        announcements: Topic,
-        unregisters: Topic,
-    ) -> Result<(Messages, Unfollow)> {
+    /// broker observers x pings messages.
+    async fn follow(&self, announcements: Topic, unregisters: Topic) -> Result<Messages> {
         let announcements = self.subscribe(announcements).await?;
         let unregisters = self.subscribe(unregisters).await?;
         let merged =
             futures_util::stream::select_with_strategy(announcements, unregisters, |_: &mut ()| {
                 futures_util::stream::PollNext::Left
             });
-        let (unfollow, registration) = Unfollow::new_pair();
-        Ok((Abortable::new(merged, registration).boxed(), unfollow))
+        Ok(merged.boxed())
     }
 
-    /// Spawns the task that reads a subscription until it ends.
-    fn listen(self: &Arc<Self>, mut reader: Reader) -> AbortHandle {
+    /// Spawns the task that reads a subscription until it ends or the
+    /// returned handle stops it.
+    fn listen(self: &Arc<Self>, reader: Reader) -> Unfollow {
+        let (unfollow, stop) = Unfollow::new_pair();
+        self.listen_until(reader, stop);
+        unfollow
+    }
+
+    /// [`listen`](Self::listen) with the handle made beforehand. (Checked
+    /// once per wake-up of the task, not per message of a burst.)
+    fn listen_until(self: &Arc<Self>, mut reader: Reader, stop: AbortRegistration) {
         let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
+        let reading = async move {
             while let Some(first) = reader.messages.next().await {
                 let Some(inner) = weak.upgrade() else { return };
                 reader.batch(&inner, first).await;
             }
-        })
-        .abort_handle()
+        };
+        tokio::spawn(Abortable::new(reading, stop));
     }
 
     /// Checks a message; what it asks of the cache goes to `changes`, and a
@@ -1866,6 +1873,49 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Waits until the bus has `n` subscriptions, for at most 10 s.
+    async fn subscriptions_become(bus: &MemoryBus, n: usize, when: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while bus.subscriptions() != n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{when}: {} subscriptions, not {n}",
+                bus.subscriptions()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A name followed by a lookup (which handed its reader over) or by
+    /// `observe` stops being read, and its subscriptions go, when the
+    /// registry closes and when `observe_all` takes over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stopped_names_give_up_their_subscriptions() {
+        let bus = MemoryBus::new();
+        let a = Registry::builder().memory(&bus).build().await.unwrap();
+        a.register(Service::new("held", "10.0.0.1:1"))
+            .await
+            .unwrap();
+        // a answers pings for the name, and pings of everything.
+        subscriptions_become(&bus, 2, "a registered").await;
+        for all in [false, true] {
+            let b = Registry::builder().memory(&bus).build().await.unwrap();
+            let looking = b.clone();
+            tokio::spawn(async move { looking.get_service("held").await })
+                .await
+                .unwrap()
+                .unwrap();
+            b.observe("watched").await.unwrap();
+            subscriptions_become(&bus, 6, "b follows two names").await;
+            if all {
+                b.observe_all().await.unwrap();
+                subscriptions_become(&bus, 4, "b follows everything instead").await;
+            }
+            b.close().await.unwrap();
+            subscriptions_become(&bus, 2, "b closed").await;
+        }
+    }
 
     #[tokio::test]
     async fn churn_does_not_grow_the_heartbeat_heap() {

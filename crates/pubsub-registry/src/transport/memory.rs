@@ -68,6 +68,13 @@ impl MemoryBus {
     pub fn dropped(&self) -> u64 {
         self.inner.dropped.load(Ordering::Relaxed)
     }
+
+    /// Live subscriptions on the bus.
+    #[cfg(test)]
+    pub(crate) fn subscriptions(&self) -> usize {
+        let subs = self.inner.subs.read().unwrap_or_else(|e| e.into_inner());
+        subs.exact.values().map(Vec::len).sum::<usize>() + subs.patterns.len()
+    }
 }
 
 impl std::fmt::Debug for MemoryBus {
