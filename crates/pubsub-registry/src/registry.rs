@@ -550,7 +550,7 @@ impl Reader {
 /// it reads the answer to its own ping itself, and hands the reader to a
 /// listener task when it is done, however it ends. Spawning that task
 /// before the ping would leave two tasks to run on the lookup's worker
-/// (the task and the connection's), and tokio then wakes another worker
+/// (the listener and the connection's), and tokio then wakes another worker
 /// thread, a system call on the lookup's path (about 10 µs of a cold
 /// lookup's 150 µs in the seventeenth session's probes). Stopping the name
 /// (`close`, `observe_all`) takes effect when the reader is handed over, at
@@ -1417,8 +1417,8 @@ impl Inner {
         unfollow
     }
 
-    /// [`listen`](Self::listen) with the handle made beforehand. (Checked
-    /// once per wake-up of the task, not per message of a burst.)
+    /// [`listen`](Self::listen) with the handle made beforehand. The task
+    /// checks it each time it wakes, not for every message of a burst.
     fn listen_until(self: &Arc<Self>, mut reader: Reader, stop: AbortRegistration) {
         let weak = Arc::downgrade(self);
         let reading = async move {
