@@ -552,9 +552,10 @@ impl Reader {
 /// before the ping would leave two tasks to run on the lookup's worker
 /// (the listener and the connection's), and tokio then wakes another worker
 /// thread, a system call on the lookup's path (about 10 µs of a cold
-/// lookup's 150 µs in the seventeenth session's probes). Stopping the name
-/// (`close`, `observe_all`) takes effect when the reader is handed over, at
-/// the latest when the lookup times out.
+/// lookup's 150 µs in the seventeenth session's probes). Until the hand-over
+/// the name's messages are taken in as the lookup is polled, for lookups of
+/// the name waiting alongside it too, at most for the lookup's timeout; and
+/// stopping the name (`close`, `observe_all`) takes effect at the hand-over.
 struct Reading<'a> {
     inner: &'a Arc<Inner>,
     name: &'a str,
