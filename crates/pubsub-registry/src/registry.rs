@@ -761,6 +761,23 @@ struct Subs {
     names: HashMap<String, Unfollow>,
 }
 
+impl Subs {
+    /// Stops following names one by one.
+    fn unfollow_names(&mut self) {
+        for (_, unfollow) in self.names.drain() {
+            unfollow.abort();
+        }
+    }
+
+    /// Stops following anything.
+    fn unfollow_all(&mut self) {
+        if let Some(all) = self.all.take() {
+            all.abort();
+        }
+        self.unfollow_names();
+    }
+}
+
 /// A registration; [`unregister`](Self::unregister) it to withdraw the
 /// service. Dropping it does not unregister (the service stays until the
 /// registry is closed or dropped).
@@ -1088,9 +1105,7 @@ impl Registry {
             .await?;
         subs.all = Some(inner.listen(Reader::new(messages, Listener::Observer)));
         // Per-name subscriptions would only deliver everything twice now.
-        for (_, unfollow) in subs.names.drain() {
-            unfollow.abort();
-        }
+        subs.unfollow_names();
         drop(subs);
         inner.flush().await
     }
@@ -1209,15 +1224,7 @@ impl Registry {
             return Ok(());
         }
         let services = inner.stop_tasks();
-        {
-            let mut subs = inner.subs.lock().await;
-            if let Some(all) = subs.all.take() {
-                all.abort();
-            }
-            for (_, unfollow) in subs.names.drain() {
-                unfollow.abort();
-            }
-        }
+        inner.subs.lock().await.unfollow_all();
         let mut first_error = None;
         for s in &services {
             if let Err(e) = inner.publish_unregister(s).await {
@@ -1784,12 +1791,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         let services = self.stop_tasks();
         if let Ok(mut subs) = self.subs.try_lock() {
-            if let Some(all) = subs.all.take() {
-                all.abort();
-            }
-            for (_, unfollow) in subs.names.drain() {
-                unfollow.abort();
-            }
+            subs.unfollow_all();
         }
         if self.closed.load(Ordering::SeqCst) || services.is_empty() {
             return;
