@@ -211,13 +211,17 @@ async fn burst(url: &str, n: usize) -> Result<(), Error> {
     // alternate raw and registry, and all rounds' samples are pooled.
     let publisher = async_nats::connect(url).await?;
     let subscriber = raw_client(url).await?;
+    // The registries' connections, kept from round to round like the raw
+    // clients (see `registry_burst`).
+    let sending: Arc<dyn Transport> = nats(url).await?;
+    let observing: Arc<dyn Transport> = nats(url).await?;
     let payloads = vec![payload; n];
     let (mut raw, mut ours) = (Vec::new(), Vec::new());
     for round in 0..BURST_ROUNDS {
         let subject = format!("raw.prop.{round}");
         raw.extend(raw_burst(&publisher, &subscriber, subject, &payloads).await?);
         let name = format!("prop-burst-{round}");
-        ours.extend(registry_burst(|| Registry::builder().nats_url(url), &name, n).await?);
+        ours.extend(registry_burst(on(&sending), on(&observing), &name, n).await?);
     }
     report("propagation burst", &mut ours, &mut raw);
     observer_burst(url, n).await
@@ -319,6 +323,8 @@ async fn observer_burst(url: &str, n: usize) -> Result<(), Error> {
     let publisher = async_nats::connect(url).await?;
     let address = |i: usize| format!("10.1.{}.{}:80", i / 256, i % 256);
     let subscriber = raw_client(url).await?;
+    // Kept from round to round, like the raw subscriber (see `registry_burst`).
+    let observing: Arc<dyn Transport> = nats(url).await?;
     let (mut raw, mut ours) = (Vec::new(), Vec::new());
     for round in 0..BURST_ROUNDS {
         let name = format!("prop-observer-{round}");
@@ -327,11 +333,7 @@ async fn observer_burst(url: &str, n: usize) -> Result<(), Error> {
         let subject = format!("raw.observer.{round}");
         raw.extend(raw_burst(&publisher, &subscriber, subject, &payloads).await?);
 
-        let observer = Registry::builder()
-            .nats_url(url)
-            .event_capacity(n * 2)
-            .build()
-            .await?;
+        let observer = on(&observing).event_capacity(n * 2).build().await?;
         observer.observe(&name).await?;
         // Built before sending: the raw side does nothing but read while
         // its burst is in flight, and neither may this process's other tasks.
@@ -375,7 +377,10 @@ async fn apart(url: &str, n: usize) -> Result<(), Error> {
     };
 
     let (mut raw, mut ours) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    let server = Registry::builder().nats_url(url).build().await?;
+    // One connection for every registry this side builds, as for the raw
+    // publisher (see `registry_burst`).
+    let sending: Arc<dyn Transport> = nats(url).await?;
+    let server = on(&sending).build().await?;
     let name = "apart-paced";
     expect_line(&mut lines, "ready").await?;
     // The first registration of a name also subscribes to its pings.
@@ -404,7 +409,7 @@ async fn apart(url: &str, n: usize) -> Result<(), Error> {
             send_all::<Wall>(&publisher, &format!("raw.apart.{round}"), &raw_payloads).await?;
         raw.extend(latencies(read_arrived(&mut lines).await?, &sent)?);
 
-        let server = Registry::builder().nats_url(url).build().await?;
+        let server = on(&sending).build().await?;
         let name = format!("apart-{round}");
         expect_line(&mut lines, "ready").await?;
         server.register(Service::new(&name, "warm:1")).await?;
@@ -439,12 +444,9 @@ async fn apart(url: &str, n: usize) -> Result<(), Error> {
 /// each burst's arrivals on one line.
 async fn reader(url: &str, n: usize) -> Result<(), Error> {
     let raw = raw_client(url).await?;
-    let observer = || {
-        Registry::builder()
-            .nats_url(url)
-            .event_capacity(n * 2)
-            .build()
-    };
+    // One connection for every observer, as for the raw subscriptions.
+    let observing: Arc<dyn Transport> = nats(url).await?;
+    let observer = || on(&observing).event_capacity(n * 2).build();
 
     let mut sub = raw.subscribe("raw.apart.paced").await?;
     settled(&raw).await;
@@ -608,15 +610,31 @@ async fn paced(
     Ok((ours, raw))
 }
 
-/// From `register` on one registry to the `Registered` event on another,
-/// `n` registrations of `name` at once; both built by `builder`.
+/// A registry builder over `transport`: a new registry on a connection
+/// that is already there.
+fn on(transport: &Arc<dyn Transport>) -> pubsub_registry::RegistryBuilder {
+    Registry::builder().transport(transport.clone())
+}
+
+/// From `register` on one registry (built by `sending`) to the
+/// `Registered` event on another (built by `observing`), `n` registrations
+/// of `name` at once.
+///
+/// The registries are new each round, but for NATS their connections are
+/// not: the caller keeps them from round to round, as the raw baseline
+/// keeps its clients. A connection's first burst meets the broker's
+/// receive window at its starting size, and with a new connection each
+/// round, some rounds stalled at a full window until a TCP timer fired:
+/// the rest of that burst arrived 40 or 200 ms late (eighteenth session,
+/// BENCHMARKS.md section 2).
 async fn registry_burst(
-    builder: impl Fn() -> pubsub_registry::RegistryBuilder,
+    sending: pubsub_registry::RegistryBuilder,
+    observing: pubsub_registry::RegistryBuilder,
     name: &str,
     n: usize,
 ) -> Result<Vec<Duration>, Error> {
-    let server = builder().build().await?;
-    let observer = builder().event_capacity(n * 2).build().await?;
+    let server = sending.build().await?;
+    let observer = observing.event_capacity(n * 2).build().await?;
     observer.observe(name).await?;
     let mut events = observer.events_for(name);
     // The first registration of a name also subscribes to its pings.
@@ -1113,7 +1131,7 @@ mod redis {
             let arrived = reader.await??;
             raw.extend(arrived.iter().zip(&sent).map(|(a, s)| *a - *s));
             let name = format!("prop-burst-{round}");
-            ours.extend(registry_burst(builder, &name, n).await?);
+            ours.extend(registry_burst(builder(), builder(), &name, n).await?);
         }
         report("redis propagation burst", &mut ours, &mut raw);
         Ok(())
