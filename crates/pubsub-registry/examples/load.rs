@@ -623,10 +623,10 @@ fn on(transport: &Arc<dyn Transport>) -> pubsub_registry::RegistryBuilder {
 /// The registries are new each round, but for NATS their connections are
 /// not: the caller keeps them from round to round, as the raw baseline
 /// keeps its clients. A connection's first burst meets the broker's
-/// receive window at its starting size, and with a new connection each
-/// round, some rounds stalled at a full window until a TCP timer fired:
-/// the rest of that burst arrived 40 or 200 ms late (eighteenth session,
-/// BENCHMARKS.md section 2).
+/// receive window at its starting size. With a new connection each round,
+/// about one round in fourteen stopped at a full window, and the rest of
+/// that burst arrived 40 or 200 ms late: Linux's minimum delayed-ACK and
+/// retransmission times (eighteenth session, BENCHMARKS.md section 2).
 async fn registry_burst(
     sending: pubsub_registry::RegistryBuilder,
     observing: pubsub_registry::RegistryBuilder,
@@ -695,11 +695,7 @@ async fn cold(url: &str, n: usize, what: &str) -> Result<(), Error> {
     let shared: Arc<dyn Transport> = nats(url).await?;
     let (mut raw, mut ours) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for i in 0..n {
-        let client = Registry::builder()
-            .transport(shared.clone())
-            .timeout(Duration::from_secs(5))
-            .build()
-            .await?;
+        let client = on(&shared).timeout(Duration::from_secs(5)).build().await?;
         // Both samples start from the same quiet point: what building and
         // closing set off is over.
         settled(&requester).await;
