@@ -558,8 +558,17 @@ impl Reader {
 /// stopping the name (`close`, `observe_all`) takes effect at the hand-over.
 struct Reading<'a> {
     inner: &'a Arc<Inner>,
-    name: &'a str,
-    reader: Option<(Reader, AbortRegistration)>,
+    held: Option<Followed>,
+}
+
+/// A name's reader as [`Inner::follow_name`] made it.
+struct Followed {
+    reader: Reader,
+    /// Stops the reader's task once it has one.
+    stop: AbortRegistration,
+    /// The name's entry in [`Subs`], for a reader dropped with no task to
+    /// read on.
+    entry: Unfollow,
 }
 
 impl Reading<'_> {
@@ -567,40 +576,40 @@ impl Reading<'_> {
     /// once it has taken in a batch of messages (or found their stream
     /// ended: the subscription is gone with the connection).
     async fn until(&mut self, changed: Pin<&mut tokio::sync::futures::Notified<'_>>) {
-        let Some((reader, _)) = self.reader.as_mut() else {
+        let Some(held) = self.held.as_mut() else {
             return changed.await;
         };
         tokio::select! {
             biased;
             () = changed => {}
-            next = reader.messages.next() => match next {
-                Some(first) => reader.batch(self.inner, first).await,
-                None => self.reader = None,
+            next = held.reader.messages.next() => match next {
+                Some(first) => held.reader.batch(self.inner, first).await,
+                None => self.held = None,
             },
         }
     }
 
     /// Hands the reader, if this lookup holds it, to a listener task.
     fn hand_over(&mut self) {
-        if let Some((reader, stop)) = self.reader.take() {
-            self.inner.listen_until(reader, stop);
+        if let Some(held) = self.held.take() {
+            self.inner.listen_until(held.reader, held.stop);
         }
     }
 }
 
 impl Drop for Reading<'_> {
     fn drop(&mut self) {
-        if self.reader.is_none() {
+        let Some(held) = self.held.take() else {
             return;
-        }
+        };
         if tokio::runtime::Handle::try_current().is_ok() {
-            self.hand_over();
-        } else if let Ok(mut subs) = self.inner.subs.try_lock() {
-            // Dropped off the runtime, with no task to read on: stop
-            // following, so that the next lookup subscribes again.
-            if let Some(unfollow) = subs.names.remove(self.name) {
-                unfollow.abort();
-            }
+            self.inner.listen_until(held.reader, held.stop);
+        } else {
+            // Dropped off the runtime, with no task to read on, and maybe
+            // while another thread holds `subs`: the entry is marked
+            // stopped instead of removed, so that the next lookup of the
+            // name subscribes again.
+            held.entry.abort();
         }
     }
 }
@@ -762,6 +771,20 @@ struct Subs {
 }
 
 impl Subs {
+    /// Whether `name`'s messages are read. An entry whose reader was
+    /// dropped unread (see [`Reading`]) is stopped and does not count.
+    fn follows(&self, name: &str) -> bool {
+        self.all.is_some() || self.names.get(name).is_some_and(|u| !u.is_aborted())
+    }
+
+    /// The names followed one by one.
+    fn followed_names(&self) -> impl Iterator<Item = &String> {
+        self.names
+            .iter()
+            .filter(|(_, u)| !u.is_aborted())
+            .map(|(name, _)| name)
+    }
+
     /// Stops following names one by one.
     fn unfollow_names(&mut self) {
         for (_, unfollow) in self.names.drain() {
@@ -1148,7 +1171,7 @@ impl Registry {
                 subjects.push(protocol::all_pattern(main, Kind::Register));
                 subjects.push(protocol::all_pattern(main, Kind::Unregister));
             }
-            for name in subs.names.keys() {
+            for name in subs.followed_names() {
                 subjects.push(protocol::subject(main, Kind::Register, name));
                 subjects.push(protocol::subject(main, Kind::Unregister, name));
             }
@@ -1294,8 +1317,7 @@ impl Inner {
         let search = async {
             let mut reading = Reading {
                 inner: self,
-                name,
-                reader: self.follow_name(name).await?,
+                held: self.follow_name(name).await?,
             };
             if tokio::task::try_id().is_none() {
                 // Not in a task (a `block_on`): a spawn from here always
@@ -1327,8 +1349,8 @@ impl Inner {
 
     /// Subscribes to a name's messages, read by a task of their own.
     async fn observe(self: &Arc<Self>, name: &str) -> Result<()> {
-        if let Some((reader, stop)) = self.follow_name(name).await? {
-            self.listen_until(reader, stop);
+        if let Some(held) = self.follow_name(name).await? {
+            self.listen_until(held.reader, held.stop);
         }
         Ok(())
     }
@@ -1337,12 +1359,9 @@ impl Inner {
     /// and returns their reader and what stops it. Does not wait for the
     /// broker to take the subscription: a lookup's ping follows on the same
     /// connection, so the broker has the subscription before any answer.
-    async fn follow_name(
-        self: &Arc<Self>,
-        name: &str,
-    ) -> Result<Option<(Reader, AbortRegistration)>> {
+    async fn follow_name(self: &Arc<Self>, name: &str) -> Result<Option<Followed>> {
         let mut subs = self.subs.lock().await;
-        if subs.all.is_some() || subs.names.contains_key(name) {
+        if subs.follows(name) {
             return Ok(None);
         }
         let main = &self.opts.main_topic;
@@ -1353,9 +1372,13 @@ impl Inner {
             )
             .await?;
         let (unfollow, stop) = Unfollow::new_pair();
-        subs.names.insert(name.to_string(), unfollow);
+        subs.names.insert(name.to_string(), unfollow.clone());
         self.catalog.ensure(name);
-        Ok(Some((Reader::new(messages, Listener::Observer), stop)))
+        Ok(Some(Followed {
+            reader: Reader::new(messages, Listener::Observer),
+            stop,
+            entry: unfollow,
+        }))
     }
 
     /// Subscribes to pings for `name` if nothing registered here answers
@@ -1751,7 +1774,7 @@ impl Inner {
         // and, when following everything, every instance of this crate.
         let (mut names, all) = {
             let subs = self.subs.lock().await;
-            let names: Vec<String> = subs.names.keys().cloned().collect();
+            let names: Vec<String> = subs.followed_names().cloned().collect();
             (names, subs.all.is_some())
         };
         names.extend(self.catalog.names());
@@ -1918,6 +1941,70 @@ mod tests {
             b.close().await.unwrap();
             subscriptions_become(&bus, 2, "b closed").await;
         }
+    }
+
+    /// A lookup dropped outside any runtime, while another thread holds
+    /// the subscription lock, has no task to hand its reader to and cannot
+    /// take the name out of `subs`: the name must still not stay marked as
+    /// followed, or no later lookup would read it.
+    #[test]
+    fn a_lookup_dropped_off_the_runtime_leaves_its_name_to_the_next() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let bus = MemoryBus::new();
+        let b = rt
+            .block_on(
+                Registry::builder()
+                    .memory(&bus)
+                    .timeout(Duration::from_secs(10))
+                    .build(),
+            )
+            .unwrap();
+        // Polled once in a task, where it keeps the name's reader while it
+        // waits for an answer; then brought out here.
+        let looking = b.clone();
+        let probe = bus.clone();
+        #[allow(
+            clippy::async_yields_async,
+            reason = "the lookup leaves its task unfinished on purpose"
+        )]
+        let task = rt.spawn(async move {
+            let mut lookup = Box::pin(async move { looking.get_service("late").await });
+            assert!(lookup.as_mut().now_or_never().is_none());
+            assert_eq!(probe.subscriptions(), 2, "the lookup follows the name");
+            lookup
+        });
+        let lookup = rt.block_on(task).unwrap();
+        assert!(tokio::runtime::Handle::try_current().is_err());
+        let held = b.inner.subs.try_lock().unwrap();
+        drop(lookup);
+        drop(held);
+        rt.block_on(async {
+            subscriptions_become(&bus, 0, "the dropped lookup's reader is gone").await;
+            assert_eq!(b.subscribers().await, Vec::<String>::new());
+            let a = Registry::builder().memory(&bus).build().await.unwrap();
+            a.register(Service::new("late", "10.0.0.1:1"))
+                .await
+                .unwrap();
+            let looking = b.clone();
+            let found = tokio::spawn(async move { looking.get_service("late").await })
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(found.address(), "10.0.0.1:1");
+            // Followed again: a later announcement reaches the cache.
+            a.register(Service::new("late", "10.0.0.2:1"))
+                .await
+                .unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while b.cached_instances().len() != 2 {
+                assert!(std::time::Instant::now() < deadline, "not followed again");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
     }
 
     #[tokio::test]
