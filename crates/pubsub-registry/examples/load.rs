@@ -172,15 +172,16 @@ async fn nats(url: &str) -> Result<Arc<NatsTransport>, Error> {
 /// once (burst). Paced samples alternate raw and registry, one of each per
 /// round, so a slow spell of the VM falls on both alike.
 async fn propagation(url: &str, n: usize) -> Result<(), Error> {
-    let payload = raw_payload();
+    let payload = raw_payload(PACED);
     {
         let publisher = async_nats::connect(url).await?;
         let subscriber = raw_client(url).await?;
-        let mut sub = subscriber.subscribe("raw.prop").await?;
+        let subject = baseline_subject(PACED);
+        let mut sub = subscriber.subscribe(subject.clone()).await?;
         settled(&subscriber).await;
         let raw_once = async || {
             let s = Instant::now();
-            publisher.publish("raw.prop", payload.clone()).await?;
+            publisher.publish(subject.clone(), payload.clone()).await?;
             sub.next().await.ok_or("raw subscription ended")?;
             Ok(s.elapsed())
         };
@@ -191,20 +192,33 @@ async fn propagation(url: &str, n: usize) -> Result<(), Error> {
     apart(url, n).await
 }
 
-/// The raw baselines' payload: what an announcement weighs.
-fn raw_payload() -> Bytes {
-    Bytes::from(pubsub_registry::protocol::encode_announcement(
-        &Service::new("prop", "10.0.0.1:80"),
-        pubsub_registry::Status::Passing,
-        std::time::SystemTime::now(),
-        Duration::from_secs(20),
-    ))
+/// A paced raw baseline's payload: an announcement of `name`, as the
+/// registry sends it.
+fn raw_payload(name: &str) -> Bytes {
+    encoded_announcements(name, 1, burst_address).remove(0)
+}
+
+/// The subject a raw baseline sends `name`'s announcements on: the
+/// registry's, under another main topic of the same length that no registry
+/// follows. With the registry's own payloads, the raw side carries the
+/// registry's bytes: a longer subject and payload cost the broker and both
+/// clients more per message (until the nineteenth session the raw side
+/// sent about a quarter fewer bytes a message).
+fn baseline_subject(name: &str) -> String {
+    format!("baseline.register.{name}")
+}
+
+/// The registry's paced name in one process.
+const PACED: &str = "prop-paced";
+
+/// The address of the `i`th instance of a burst in one process.
+fn burst_address(i: usize) -> String {
+    format!("10.0.{}.{}:80", i / 256, i % 256)
 }
 
 /// The burst half of [`propagation`] in one process, on its own for
 /// profiling.
 async fn burst(url: &str, n: usize) -> Result<(), Error> {
-    let payload = raw_payload();
     // Burst: the latency of each message is its arrival, timestamped by a
     // reader task of its own, minus its own send time. A burst lasts a few
     // milliseconds, which one descheduling of the VM can double: rounds
@@ -215,12 +229,11 @@ async fn burst(url: &str, n: usize) -> Result<(), Error> {
     // clients (see `registry_burst`).
     let sending: Arc<dyn Transport> = nats(url).await?;
     let observing: Arc<dyn Transport> = nats(url).await?;
-    let payloads = vec![payload; n];
     let (mut raw, mut ours) = (Vec::new(), Vec::new());
     for round in 0..BURST_ROUNDS {
-        let subject = format!("raw.prop.{round}");
-        raw.extend(raw_burst(&publisher, &subscriber, subject, &payloads).await?);
         let name = format!("prop-burst-{round}");
+        let payloads = encoded_announcements(&name, n, burst_address);
+        raw.extend(raw_burst(&publisher, &subscriber, baseline_subject(&name), payloads).await?);
         ours.extend(registry_burst(on(&sending), on(&observing), &name, n).await?);
     }
     report("propagation burst", &mut ours, &mut raw);
@@ -236,7 +249,7 @@ async fn raw_burst(
     publisher: &async_nats::Client,
     subscriber: &async_nats::Client,
     subject: String,
-    payloads: &[Bytes],
+    payloads: Vec<Bytes>,
 ) -> Result<Vec<Duration>, Error> {
     let sub = subscriber.subscribe(subject.clone()).await?;
     settled(subscriber).await;
@@ -251,15 +264,20 @@ async fn raw_burst(
 }
 
 /// Publishes `payloads` on `subject` in one go; returns each one's send time.
+///
+/// As a registry publishes: each payload moved into its publish (the first
+/// clone of a `Bytes` made from a `Vec` allocates), and the subject made
+/// once and shared.
 async fn send_all<T: Stamp>(
     publisher: &async_nats::Client,
     subject: &str,
-    payloads: &[Bytes],
+    payloads: Vec<Bytes>,
 ) -> Result<Vec<T>, Error> {
+    let subject = async_nats::Subject::from(subject);
     let mut sent = Vec::with_capacity(payloads.len());
     for p in payloads {
         sent.push(T::now());
-        publisher.publish(subject.to_string(), p.clone()).await?;
+        publisher.publish(subject.clone(), p).await?;
     }
     publisher.flush().await?;
     Ok(sent)
@@ -328,10 +346,10 @@ async fn observer_burst(url: &str, n: usize) -> Result<(), Error> {
     let (mut raw, mut ours) = (Vec::new(), Vec::new());
     for round in 0..BURST_ROUNDS {
         let name = format!("prop-observer-{round}");
+        // Each side its own payloads, so that both drop theirs alike.
         let payloads = encoded_announcements(&name, n, address);
-
-        let subject = format!("raw.observer.{round}");
-        raw.extend(raw_burst(&publisher, &subscriber, subject, &payloads).await?);
+        let subject = baseline_subject(&name);
+        raw.extend(raw_burst(&publisher, &subscriber, subject, payloads).await?);
 
         let observer = on(&observing).event_capacity(n * 2).build().await?;
         observer.observe(&name).await?;
@@ -340,7 +358,8 @@ async fn observer_burst(url: &str, n: usize) -> Result<(), Error> {
         let index: HashMap<String, usize> = (0..n).map(|i| (address(i), i)).collect();
         let subject = format!("registry.register.{name}");
         let reader = event_arrivals::<Instant>(observer.events_for(&name), n);
-        let sent = send_all::<Instant>(&publisher, &subject, &payloads).await?;
+        let payloads = encoded_announcements(&name, n, address);
+        let sent = send_all::<Instant>(&publisher, &subject, payloads).await?;
         ours.extend(reader.await??.into_iter().map(|(a, t)| t - sent[index[&a]]));
         observer.close().await?;
     }
@@ -362,7 +381,7 @@ async fn observer_burst(url: &str, n: usize) -> Result<(), Error> {
 async fn apart(url: &str, n: usize) -> Result<(), Error> {
     let (mut child, mut lines) = spawn_role("reader", url, n)?;
     let publisher = async_nats::connect(url).await?;
-    let raw_payload = raw_payload();
+    let raw_payload = raw_payload(APART_PACED);
     let index: HashMap<String, usize> = (0..n).map(|i| (apart_address(i), i)).collect();
     let latencies = |arrived: Vec<(String, Wall)>, sent: &[Wall]| -> Result<Vec<Duration>, Error> {
         arrived
@@ -381,7 +400,7 @@ async fn apart(url: &str, n: usize) -> Result<(), Error> {
     // publisher (see `registry_burst`).
     let sending: Arc<dyn Transport> = nats(url).await?;
     let server = on(&sending).build().await?;
-    let name = "apart-paced";
+    let name = APART_PACED;
     expect_line(&mut lines, "ready").await?;
     // The first registration of a name also subscribes to its pings.
     server.register(Service::new(name, "warm:1")).await?;
@@ -389,7 +408,7 @@ async fn apart(url: &str, n: usize) -> Result<(), Error> {
     for i in 0..n {
         let sent = Wall::now();
         publisher
-            .publish("raw.apart.paced", raw_payload.clone())
+            .publish(baseline_subject(APART_PACED), raw_payload.clone())
             .await?;
         raw.push(read_at(&mut lines).await?.since(sent));
         let sent = Wall::now();
@@ -401,16 +420,15 @@ async fn apart(url: &str, n: usize) -> Result<(), Error> {
     server.close().await?;
     report("propagation paced, two processes", &mut ours, &mut raw);
 
-    let raw_payloads = vec![raw_payload; n];
     let (mut raw, mut ours, mut observer_side) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..BURST_ROUNDS {
+        let (name, observed) = apart_names(round);
+        let raw_payloads = encoded_announcements(&name, n, apart_address);
         expect_line(&mut lines, "ready").await?;
-        let sent =
-            send_all::<Wall>(&publisher, &format!("raw.apart.{round}"), &raw_payloads).await?;
+        let sent = send_all::<Wall>(&publisher, &baseline_subject(&name), raw_payloads).await?;
         raw.extend(latencies(read_arrived(&mut lines).await?, &sent)?);
 
         let server = on(&sending).build().await?;
-        let name = format!("apart-{round}");
         expect_line(&mut lines, "ready").await?;
         server.register(Service::new(&name, "warm:1")).await?;
         expect_line(&mut lines, "warm").await?;
@@ -421,11 +439,14 @@ async fn apart(url: &str, n: usize) -> Result<(), Error> {
         ours.extend(latencies(read_arrived(&mut lines).await?, &sent)?);
         server.close().await?;
 
-        let name = format!("apart-observer-{round}");
-        let payloads = encoded_announcements(&name, n, apart_address);
+        let payloads = encoded_announcements(&observed, n, apart_address);
         expect_line(&mut lines, "ready").await?;
-        let sent =
-            send_all::<Wall>(&publisher, &format!("registry.register.{name}"), &payloads).await?;
+        let sent = send_all::<Wall>(
+            &publisher,
+            &format!("registry.register.{observed}"),
+            payloads,
+        )
+        .await?;
         observer_side.extend(latencies(read_arrived(&mut lines).await?, &sent)?);
     }
     child.wait().await?;
@@ -448,10 +469,10 @@ async fn reader(url: &str, n: usize) -> Result<(), Error> {
     let observing: Arc<dyn Transport> = nats(url).await?;
     let observer = || on(&observing).event_capacity(n * 2).build();
 
-    let mut sub = raw.subscribe("raw.apart.paced").await?;
+    let mut sub = raw.subscribe(baseline_subject(APART_PACED)).await?;
     settled(&raw).await;
     let registry = observer().await?;
-    let name = "apart-paced";
+    let name = APART_PACED;
     registry.observe(name).await?;
     let mut events = registry.events_for(name);
     println!("ready");
@@ -470,7 +491,8 @@ async fn reader(url: &str, n: usize) -> Result<(), Error> {
     registry.close().await?;
 
     for round in 0..BURST_ROUNDS {
-        let sub = raw.subscribe(format!("raw.apart.{round}")).await?;
+        let (name, observed) = apart_names(round);
+        let sub = raw.subscribe(baseline_subject(&name)).await?;
         settled(&raw).await;
         println!("ready");
         let at = arrivals::<_, Wall>(sub, n).await??;
@@ -483,7 +505,6 @@ async fn reader(url: &str, n: usize) -> Result<(), Error> {
         );
 
         let registry = observer().await?;
-        let name = format!("apart-{round}");
         registry.observe(&name).await?;
         let mut events = registry.events_for(&name);
         println!("ready");
@@ -493,9 +514,8 @@ async fn reader(url: &str, n: usize) -> Result<(), Error> {
         registry.close().await?;
 
         let registry = observer().await?;
-        let name = format!("apart-observer-{round}");
-        registry.observe(&name).await?;
-        let events = registry.events_for(&name);
+        registry.observe(&observed).await?;
+        let events = registry.events_for(&observed);
         println!("ready");
         print_arrived(event_arrivals::<Wall>(events, n).await??);
         registry.close().await?;
@@ -513,6 +533,17 @@ async fn wait_for_warm(events: &mut pubsub_registry::EventStream) -> Result<(), 
             return Ok(());
         }
     }
+}
+
+/// The registry's paced name across processes.
+const APART_PACED: &str = "apart-paced";
+
+/// A round's names across processes: the registry's burst (whose
+/// announcements the raw baseline sends too, under `baseline_subject`) and
+/// the raw sender's announcements to an observer. Of one length, so that
+/// all three bursts carry the same bytes.
+fn apart_names(round: usize) -> (String, String) {
+    (format!("apart-r{round}"), format!("apart-o{round}"))
 }
 
 /// The address of the `i`th instance sent across processes.
@@ -561,13 +592,17 @@ async fn expect_line(lines: &mut ChildLines, what: &str) -> Result<(), Error> {
     }
 }
 
-/// `n` announcements of `name` as a peer sends them, the `i`th from
-/// `address(i)`: what a raw sender publishes to a registry observer.
+/// `n` announcements of `name` as a registry sends them (its host name
+/// filled in), the `i`th from `address(i)`: what a raw sender publishes to a
+/// registry observer, and what the raw baselines publish.
 fn encoded_announcements(name: &str, n: usize, address: impl Fn(usize) -> String) -> Vec<Bytes> {
+    // The host name a registry fills in by default.
+    let host = gethostname::gethostname();
+    let host = host.to_string_lossy();
     (0..n)
         .map(|i| {
             Bytes::from(pubsub_registry::protocol::encode_announcement(
-                &Service::new(name, address(i)),
+                &Service::new(name, address(i)).with_host(&*host),
                 pubsub_registry::Status::Passing,
                 std::time::SystemTime::now(),
                 Duration::from_secs(20),
@@ -586,7 +621,7 @@ async fn paced(
 ) -> Result<(Vec<Duration>, Vec<Duration>), Error> {
     let server = builder().build().await?;
     let observer = builder().build().await?;
-    let name = "prop-paced";
+    let name = PACED;
     observer.observe(name).await?;
     let mut events = observer.events_for(name);
     // The first registration of a name also subscribes to its pings.
@@ -597,10 +632,7 @@ async fn paced(
         raw.push(raw_once().await?);
         let s = Instant::now();
         server
-            .register(Service::new(
-                name,
-                format!("10.0.{}.{}:80", i / 256, i % 256),
-            ))
+            .register(Service::new(name, burst_address(i)))
             .await?;
         events.next().await.ok_or("events ended")??;
         ours.push(s.elapsed());
@@ -641,14 +673,15 @@ async fn registry_burst(
     server.register(Service::new(name, "warm:1")).await?;
     events.next().await;
     let mut ours = Vec::with_capacity(n);
-    let address = |i: usize| format!("10.0.{}.{}:80", i / 256, i % 256);
     // Each event is timestamped as it arrives, by a reader task of its own,
     // as for the raw baseline: the sending loop never delays it.
     let reader = event_arrivals::<Instant>(events, n);
-    let services: Vec<Service> = (0..n).map(|i| Service::new(name, address(i))).collect();
+    let services: Vec<Service> = (0..n)
+        .map(|i| Service::new(name, burst_address(i)))
+        .collect();
     // Built before the burst, like `services`: nothing but the burst may
     // take CPU while it is in flight, as on the raw side.
-    let index: HashMap<String, usize> = (0..n).map(|i| (address(i), i)).collect();
+    let index: HashMap<String, usize> = (0..n).map(|i| (burst_address(i), i)).collect();
     let started = Instant::now();
     let sent = register_all::<Instant>(&server, services).await?;
     let registering = started.elapsed();
@@ -1086,18 +1119,19 @@ mod redis {
         let server = registry_harness::RedisServer::start()?;
         let url = server.url();
         let client = ::redis::Client::open(url.as_str())?;
-        let payload = vec![b'x'; 200];
         let builder = || Registry::builder().redis_url(&url);
         {
+            let payload = raw_payload(PACED);
+            let subject = baseline_subject(PACED);
             let mut publisher = client.get_multiplexed_async_connection().await?;
             let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe("raw.prop").await?;
+            pubsub.subscribe(&subject).await?;
             let mut messages = pubsub.into_on_message();
             let raw_once = async || {
                 let s = Instant::now();
                 let _: () = ::redis::cmd("PUBLISH")
-                    .arg("raw.prop")
-                    .arg(&payload)
+                    .arg(&subject)
+                    .arg(&payload[..])
                     .query_async(&mut publisher)
                     .await?;
                 messages.next().await.ok_or("ended")?;
@@ -1110,23 +1144,24 @@ mod redis {
         let mut publisher = client.get_multiplexed_async_connection().await?;
         let (mut raw, mut ours) = (Vec::new(), Vec::new());
         for round in 0..BURST_ROUNDS {
-            let subject = format!("raw.prop.{round}");
+            let name = format!("prop-burst-{round}");
+            let subject = baseline_subject(&name);
+            let payloads = encoded_announcements(&name, n, burst_address);
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&subject).await?;
             // Arrivals timestamped by a reader task of their own.
             let reader = arrivals::<_, Instant>(pubsub.into_on_message(), n);
             let mut sent = Vec::with_capacity(n);
-            for _ in 0..n {
+            for payload in &payloads {
                 sent.push(Instant::now());
                 let _: () = ::redis::cmd("PUBLISH")
                     .arg(&subject)
-                    .arg(&payload)
+                    .arg(&payload[..])
                     .query_async(&mut publisher)
                     .await?;
             }
             let arrived = reader.await??;
             raw.extend(arrived.iter().zip(&sent).map(|(a, s)| *a - *s));
-            let name = format!("prop-burst-{round}");
             ours.extend(registry_burst(builder(), builder(), &name, n).await?);
         }
         report("redis propagation burst", &mut ours, &mut raw);
