@@ -69,6 +69,63 @@ impl Transport for Crashable {
     }
 }
 
+/// A subject with a space or a line break in it would end the protocol
+/// line early, and the rest would go to the server as another subject or
+/// another command. The transport refuses it with an error, sends nothing,
+/// and its connection goes on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_that_would_break_the_protocol_line_is_refused() {
+    let server = nats_server().await;
+    let url = server.url();
+    // Everywhere the bad subjects would land, if anything went out: `a b`
+    // is subject `a` with reply `b`, and a line break starts a command.
+    let watcher = NatsTransport::connect(&url).await.unwrap();
+    let mut watched = Vec::new();
+    for pattern in ["a", "a\u{1}", "ok.>", "registry.>", "leaked"] {
+        watched.push(
+            watcher
+                .subscribe(Topic::Pattern(pattern.into()))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut seen = futures_util::stream::select_all(watched);
+    watcher.flush().await.unwrap();
+    let nats = NatsTransport::connect(&url).await.unwrap();
+    for bad in [
+        "",
+        "a b",
+        "a\tb",
+        "registry.ping.x\r\nPUB leaked 0",
+        "a\u{1}",
+    ] {
+        let e = nats
+            .publish(bad.into(), None, Bytes::from_static(b"x"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::Transport { op: "publish", .. }),
+            "{bad:?}: {e}"
+        );
+        let e = nats
+            .publish("ok.a".into(), Some(bad.into()), Bytes::from_static(b"x"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::Transport { op: "publish", .. }),
+            "{bad:?}: {e}"
+        );
+    }
+    nats.publish("ok.after".into(), None, Bytes::from_static(b"y"))
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(DEADLINE, seen.next())
+        .await
+        .expect("the valid message arrives")
+        .unwrap();
+    assert_eq!(first.subject, "ok.after", "nothing else was sent before it");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restart_announces_again_at_once() {
     let mut server = nats_server().await;

@@ -55,26 +55,31 @@ impl NatsTransport {
     }
 
     /// Connects to `url` with the caller's options (credentials, TLS, ...).
-    /// The event callback is taken over to follow reconnections.
+    /// The event callback is taken over to follow reconnections, and the
+    /// client's own check of publish subjects is replaced by this
+    /// transport's (see [`Transport::publish`] below): the same rule, a
+    /// fraction of the cost on every message sent.
     pub async fn connect_with(url: &str, options: async_nats::ConnectOptions) -> Result<Self> {
         let (tx, rx) = watch::channel(0u64);
         let tx = Arc::new(tx);
         // The first `Connected` is the initial connection; only one that
         // follows a `Disconnected` is a reconnection.
         let lost = Arc::new(AtomicBool::new(false));
-        let options = options.event_callback(move |event| {
-            let (tx, lost) = (tx.clone(), lost.clone());
-            async move {
-                tracing::debug!(%event, "nats connection event");
-                match event {
-                    async_nats::Event::Disconnected => lost.store(true, Ordering::Relaxed),
-                    async_nats::Event::Connected if lost.swap(false, Ordering::Relaxed) => {
-                        tx.send_modify(|n| *n += 1)
+        let options = options
+            .skip_subject_validation(true)
+            .event_callback(move |event| {
+                let (tx, lost) = (tx.clone(), lost.clone());
+                async move {
+                    tracing::debug!(%event, "nats connection event");
+                    match event {
+                        async_nats::Event::Disconnected => lost.store(true, Ordering::Relaxed),
+                        async_nats::Event::Connected if lost.swap(false, Ordering::Relaxed) => {
+                            tx.send_modify(|n| *n += 1)
+                        }
+                        _ => {}
                     }
-                    _ => {}
                 }
-            }
-        });
+            });
         let servers: Vec<&str> = url.split(',').map(str::trim).collect();
         let client = options.connect(servers).await.map_err(|e| Error::Connect {
             url: url.to_string(),
@@ -160,6 +165,50 @@ impl Stream for FromPeers {
     }
 }
 
+/// Whether `subject` can go on the wire: not empty, and no space or
+/// control character, which would end the protocol line early (the NATS
+/// client's own rule for publishing, with every control character where it
+/// names four). Eight bytes at a time, as it runs on every message sent:
+/// the client's check, two `memchr` passes each with its own setup, cost
+/// about 200 instructions a publish and this one about 65 (callgrind,
+/// twentieth session; `register()` went from 3,988 to 3,911 in all).
+fn publishable(subject: &str) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // A byte below 0x21 sets its high bit here; a byte of 0x80 or more is
+    // masked out by `!x`. A borrow only marks bytes above a marked one, so
+    // any mark means a real one.
+    let low = |word: &[u8]| {
+        let mut w = [0; 8];
+        w.copy_from_slice(word);
+        let x = u64::from_le_bytes(w);
+        x.wrapping_sub(ONES * 0x21) & !x & HIGH != 0
+    };
+    let bytes = subject.as_bytes();
+    if bytes.len() < 8 {
+        return !bytes.is_empty() && bytes.iter().all(|&b| b > b' ');
+    }
+    let mut words = bytes.chunks_exact(8);
+    if words.any(low) {
+        return false;
+    }
+    // The rest as the last eight bytes, overlapping words already checked.
+    words.remainder().is_empty() || !low(&bytes[bytes.len() - 8..])
+}
+
+/// A publish of a subject that cannot go on the wire, refused.
+#[cold]
+fn refused(subject: Subject) -> BoxFuture<'static, Result<()>> {
+    let e = Error::transport(
+        "publish",
+        format!(
+            "{:?} is not a subject: empty, or a space or control character in it",
+            &*subject
+        ),
+    );
+    Box::pin(std::future::ready(Err(e)))
+}
+
 fn unreachable(op: &'static str) -> Error {
     Error::transport(op, "timed out: the NATS server is unreachable")
 }
@@ -171,6 +220,14 @@ impl Transport for NatsTransport {
         reply: Option<Subject>,
         payload: Bytes,
     ) -> BoxFuture<'_, Result<()>> {
+        // The client does not check what it is given (see `connect_with`);
+        // a client the caller made checks again, at its own cost.
+        if !publishable(&subject) {
+            return refused(subject);
+        }
+        if let Some(reply) = reply.as_ref().filter(|r| !publishable(r)) {
+            return refused(reply.clone());
+        }
         let subject = async_nats::Subject::from(subject);
         Box::pin(async move {
             let send = async {
@@ -228,5 +285,35 @@ impl Transport for NatsTransport {
 
     fn describe(&self) -> String {
         self.url.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::publishable;
+
+    /// The word-at-a-time check agrees with a byte-by-byte one, for a bad
+    /// byte at every place of subjects of every length up to 40.
+    #[test]
+    fn publishable_is_no_space_or_control_character() {
+        let bytewise = |s: &str| !s.is_empty() && s.bytes().all(|b| b > b' ');
+        assert!(!publishable(""));
+        for len in 1..=40 {
+            let good: String = "registry.register.é-1_abcdefghijklmnopqrstuvwxyz"
+                .chars()
+                .take(len)
+                .collect();
+            assert!(publishable(&good), "{good:?}");
+            for at in 0..good.len() {
+                if !good.is_char_boundary(at) {
+                    continue;
+                }
+                for bad in [' ', '\t', '\r', '\n', '\0', '\u{1f}', '\u{7f}', '!'] {
+                    let mut s = good.clone();
+                    s.insert(at, bad);
+                    assert_eq!(publishable(&s), bytewise(&s), "{s:?}");
+                }
+            }
+        }
     }
 }
