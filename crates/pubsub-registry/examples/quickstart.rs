@@ -68,8 +68,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::hint::black_box(client.cached_service("greeter", &[]));
     }
     println!(
-        "client: {rounds} cached lookups, {:.0} ns each",
-        started.elapsed().as_nanos() as f64 / rounds as f64
+        "client: {rounds} cached lookups, {:.0} ns each{}",
+        started.elapsed().as_nanos() as f64 / rounds as f64,
+        // A debug build is ten to twenty times slower here.
+        if cfg!(debug_assertions) {
+            " (a debug build: add --release for the real figure)"
+        } else {
+            ""
+        }
     );
 
     // The client follows changes in real time.
