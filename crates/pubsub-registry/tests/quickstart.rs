@@ -5,31 +5,16 @@
 //! quickstart` alone runs the one last built (`cargo build --examples`
 //! first).
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::Output;
 use std::time::Duration;
 
 use registry_harness::NatsServer;
 
-/// The example as `cargo test` builds it, beside this test's binary.
-fn quickstart() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let example = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/quickstart");
-    assert!(
-        example.exists(),
-        "build the examples first (cargo test builds them): {example:?}"
-    );
-    example
-}
-
 /// Runs the quick start to its end, at most a minute.
 fn run(nats_url: Option<&str>) -> Output {
-    let mut command = std::process::Command::new(quickstart());
+    let mut command = std::process::Command::new(common::example("quickstart"));
     command.env_remove("NATS_URL");
     if let Some(url) = nats_url {
         command.env("NATS_URL", url);

@@ -538,17 +538,7 @@ async fn crashed_instances_expire_on_time_among_ten_thousand() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_in_the_example_unregisters() {
     let server = nats_server().await;
-    let exe = std::env::current_exe().unwrap();
-    let example = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/server");
-    assert!(
-        example.exists(),
-        "build the examples first (cargo test builds them): {example:?}"
-    );
+    let example = common::example("server");
     let observer = Registry::builder()
         .nats_url(server.url())
         .build()

@@ -175,3 +175,20 @@ where
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// An example's binary as `cargo test` builds it, beside the test binaries.
+pub fn example(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let example = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    assert!(
+        example.exists(),
+        "build the examples first (cargo test builds them): {example:?}"
+    );
+    example
+}
