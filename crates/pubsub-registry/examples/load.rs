@@ -2,6 +2,8 @@
 //!
 //!     cargo run --release -p pubsub-registry --example load -- [SCENARIO] [--count N] [--url URL]
 //!
+//!     cargo run --release -p pubsub-registry --example load -- apart --runs 120
+//!
 //! Scenarios (all by default): `propagation` (its bursts in one process
 //! also available alone as `burst`, their observer side as
 //! `observer-burst`, and the whole again with sender and reader in two
@@ -11,6 +13,10 @@
 //! propagation over Redis. Without `--url` a private `nats-server` is started
 //! on a free loopback port. Every figure is printed next to the raw
 //! async-nats (or redis) baseline measured the same way in the same run.
+//! `--runs N` runs the scenarios N times, each on a `nats-server` of its
+//! own, and ends with a summary of every ratio over the runs: a burst's
+//! ratio moves by a third from one run to the next on two vCPUs, so a
+//! single run says little.
 
 mod common;
 
@@ -35,6 +41,7 @@ struct Args {
     url: Option<String>,
     role: Option<String>,
     names: usize,
+    runs: usize,
 }
 
 fn args() -> Args {
@@ -44,6 +51,7 @@ fn args() -> Args {
         url: None,
         role: None,
         names: 1000,
+        runs: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -52,6 +60,7 @@ fn args() -> Args {
             "--url" => a.url = it.next(),
             "--role" => a.role = it.next(),
             "--names" => a.names = it.next().and_then(|v| v.parse().ok()).unwrap_or(1000),
+            "--runs" => a.runs = it.next().and_then(|v| v.parse().ok()).unwrap_or(1).max(1),
             "--bench" => {}
             other if !other.starts_with('-') => a.scenarios.push(other.to_string()),
             other => {
@@ -69,16 +78,6 @@ async fn main() -> Result<(), Error> {
     if let Some(role) = &args.role {
         return child(role, &args).await;
     }
-    let _server;
-    let url = match &args.url {
-        Some(u) => u.clone(),
-        None => {
-            let s = registry_harness::NatsServer::start()?;
-            let u = s.url();
-            _server = s;
-            u
-        }
-    };
     let all = [
         "propagation",
         "cold",
@@ -93,7 +92,31 @@ async fn main() -> Result<(), Error> {
         args.scenarios.clone()
     };
     println!("machine: {} cores, {}", num_cores(), cpu_model());
-    for s in &scenarios {
+    for run in 0..args.runs {
+        if args.runs > 1 {
+            println!("run {} of {}", run + 1, args.runs);
+        }
+        run_once(&args, &scenarios).await?;
+    }
+    if args.runs > 1 {
+        summarize(args.runs);
+    }
+    Ok(())
+}
+
+/// The scenarios once, on a private `nats-server` unless `--url` names one.
+async fn run_once(args: &Args, scenarios: &[String]) -> Result<(), Error> {
+    let _server;
+    let url = match &args.url {
+        Some(u) => u.clone(),
+        None => {
+            let s = registry_harness::NatsServer::start()?;
+            let u = s.url();
+            _server = s;
+            u
+        }
+    };
+    for s in scenarios {
         match s.as_str() {
             "propagation" => propagation(&url, args.count.unwrap_or(2000)).await?,
             "cold" => cold(&url, args.count.unwrap_or(1000), "cold lookup").await?,
@@ -121,6 +144,75 @@ async fn main() -> Result<(), Error> {
     Ok(())
 }
 
+/// Every ratio [`report`] printed: what, p50 ratio, p99 ratio.
+static RATIOS: std::sync::Mutex<Vec<(String, f64, f64)>> = std::sync::Mutex::new(Vec::new());
+
+/// Each figure's ratios over the runs: min / quartiles / max, the share
+/// within the target, and an interval for the median (the median of 2,000
+/// resamples of the runs, drawn with a fixed seed, so the same runs always
+/// give the same interval).
+fn summarize(runs: usize) {
+    let ratios = RATIOS.lock().unwrap();
+    let mut names: Vec<&str> = Vec::new();
+    for (what, ..) in ratios.iter() {
+        if !names.contains(&what.as_str()) {
+            names.push(what);
+        }
+    }
+    println!("summary over {runs} runs (ratio registry / raw; min / q1 / median / q3 / max; 95% interval of the median; runs within 1.3x):");
+    for what in names {
+        for (label, pick) in [("p50", 0), ("p99", 1)] {
+            let mut v: Vec<f64> = ratios
+                .iter()
+                .filter(|r| r.0 == what)
+                .map(|r| if pick == 0 { r.1 } else { r.2 })
+                .collect();
+            v.sort_by(f64::total_cmp);
+            let (lo, hi) = median_interval(&v);
+            let within = v.iter().filter(|&&x| x <= 1.3).count();
+            println!(
+                "  {what}, {label}: {:.2} / {:.2} / {:.2} / {:.2} / {:.2}x; the median's 95% interval {lo:.2} to {hi:.2}x; {within} of {} within 1.3x",
+                v[0],
+                quantile(&v, 0.25),
+                quantile(&v, 0.5),
+                quantile(&v, 0.75),
+                v[v.len() - 1],
+                v.len()
+            );
+        }
+    }
+}
+
+/// The `q` quantile of sorted `v`, between neighbours.
+fn quantile(v: &[f64], q: f64) -> f64 {
+    let at = (v.len() - 1) as f64 * q;
+    let (i, f) = (at.floor() as usize, at.fract());
+    v[i] + (v[(i + 1).min(v.len() - 1)] - v[i]) * f
+}
+
+/// A 95% bootstrap interval for the median of `v`.
+fn median_interval(v: &[f64]) -> (f64, f64) {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        // xorshift64: enough to resample runs.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut medians: Vec<f64> = (0..2000)
+        .map(|_| {
+            let mut r: Vec<f64> = (0..v.len())
+                .map(|_| v[(next() % v.len() as u64) as usize])
+                .collect();
+            r.sort_by(f64::total_cmp);
+            quantile(&r, 0.5)
+        })
+        .collect();
+    medians.sort_by(f64::total_cmp);
+    (medians[50], medians[1949])
+}
+
 /// Returns once the server has processed this connection's subscriptions:
 /// `flush` only empties the socket, so a burst could beat the SUB. A
 /// request nobody serves is answered by the server itself, after them.
@@ -140,12 +232,15 @@ fn report(what: &str, ours: &mut [Duration], raw: &mut [Duration]) {
         pct(raw, 0.5),
         pct(raw, 0.99),
     );
-    println!(
-        "{what}: registry p50 {o50:?} p99 {o99:?} | raw p50 {r50:?} p99 {r99:?} | ratio p50 {:.2}x p99 {:.2}x (n={})",
+    let (p50, p99) = (
         o50.as_secs_f64() / r50.as_secs_f64(),
         o99.as_secs_f64() / r99.as_secs_f64(),
+    );
+    println!(
+        "{what}: registry p50 {o50:?} p99 {o99:?} | raw p50 {r50:?} p99 {r99:?} | ratio p50 {p50:.2}x p99 {p99:.2}x (n={})",
         ours.len()
     );
+    RATIOS.lock().unwrap().push((what.to_string(), p50, p99));
 }
 
 /// A raw client whose subscriptions buffer as deep as the registry's
