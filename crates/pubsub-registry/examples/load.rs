@@ -802,13 +802,13 @@ async fn cold(url: &str, n: usize, what: &str) -> Result<(), Error> {
     let mut requests = responder.subscribe("raw.cold").await?;
     settled(&responder).await;
     let answering = responder.clone();
-    tokio::spawn(async move {
+    let _responding = Scoped(tokio::spawn(async move {
         while let Some(m) = requests.next().await {
             if let Some(reply) = m.reply {
                 let _ = answering.publish(reply, m.payload).await;
             }
         }
-    });
+    }));
     let requester = async_nats::connect(url).await?;
 
     // One name per lookup: each instance answers pings for a name once per
@@ -990,6 +990,19 @@ async fn observer_process(url: &str, n: usize, what: &str) -> Result<(), Error> 
     Ok(())
 }
 
+/// A task that ends with the scenario that spawned it, however that ends.
+/// A responder or counter left running keeps its connection, and the next
+/// scenario on the same server would share its subjects: a second raw
+/// responder answered every raw request of the next `cold`, which slowed
+/// the raw baseline by about a tenth.
+struct Scoped(tokio::task::JoinHandle<()>);
+
+impl Drop for Scoped {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Reads `n` items of `stream` in a task of its own, timestamping each as it
 /// arrives: a sending loop elsewhere never delays the reading.
 fn arrivals<S, T: Stamp>(mut stream: S, n: usize) -> tokio::task::JoinHandle<Result<Vec<T>, Error>>
@@ -1043,11 +1056,11 @@ async fn heartbeat(url: &str, n: usize) -> Result<(), Error> {
     settled(&counter).await;
     let (mut child, mut lines) = spawn_role("publisher", url, n)?;
     let (tx, mut rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
+    let _counting = Scoped(tokio::spawn(async move {
         while sub.next().await.is_some() {
             let _ = tx.send(Instant::now());
         }
-    });
+    }));
     let ready = lines.next_line().await?.ok_or("child ended")?;
     // Skip the n announcements made on registering: count heartbeats only.
     for _ in 0..n {
