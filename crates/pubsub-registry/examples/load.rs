@@ -992,9 +992,9 @@ async fn observer_process(url: &str, n: usize, what: &str) -> Result<(), Error> 
 
 /// A task that ends with the scenario that spawned it, however that ends.
 /// A responder or counter left running keeps its connection, and the next
-/// scenario on the same server would share its subjects: a second raw
-/// responder answered every raw request of the next `cold`, which slowed
-/// the raw baseline by about a tenth.
+/// scenario on the same server shares its subjects: the responder `cold`
+/// left answered every raw request of a `cold-task` after it a second
+/// time, which slowed that raw baseline by about a tenth.
 struct Scoped(tokio::task::JoinHandle<()>);
 
 impl Drop for Scoped {
